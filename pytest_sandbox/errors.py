@@ -118,10 +118,366 @@ class BackendError(SandboxError):
 # --- bundles ---
 
 
+class BundleRefusal(BundleRefused):
+    """Base of the puller's typed refusals; ``code`` is a short stable name for the reason."""
+
+    code = "refused"
+
+    def __init__(self, message: str, **detail: object) -> None:
+        self.detail = detail
+        super().__init__(message)
+
+
+class ManifestInvalid(BundleRefusal):
+    """The manifest is not JSON, breaks the schema, or is larger than the size cap."""
+
+    code = "manifest_invalid"
+
+
+class SignatureInvalid(BundleRefusal):
+    """The manifest's Ed25519 signature is missing or does not verify against the key."""
+
+    code = "signature_invalid"
+
+
+class VersionOutOfRange(BundleRefusal):
+    """``bundle_version`` is outside the puller's accepted range (e.g. a fast-forward)."""
+
+    code = "version_out_of_range"
+
+
+class RollbackRefused(BundleRefusal):
+    """``bundle_version`` is below the last version installed for this tenant."""
+
+    code = "rollback"
+
+
+class ManifestExpired(BundleRefusal):
+    """The manifest's ``expires`` has passed (a frozen or replayed feed)."""
+
+    code = "expired"
+
+
+class ManifestStale(BundleRefusal):
+    """The bundle is older than the puller's ``max_age``."""
+
+    code = "stale"
+
+
+class UnsafeBundlePath(BundleRefusal):
+    """A file path in the manifest could escape or alias inside the bundle root."""
+
+    code = "unsafe_path"
+
+
+class IntegrityMismatch(BundleRefusal):
+    """``integrity_sha256`` or ``size_bytes`` does not match the manifest's file list."""
+
+    code = "integrity_mismatch"
+
+
+class FileHashMismatch(BundleRefusal):
+    """A downloaded file's SHA-256 differs from the manifest."""
+
+    code = "hash_mismatch"
+
+
+class FileSizeMismatch(BundleRefusal):
+    """A file body ended before, or ran past, the size the manifest declares."""
+
+    code = "size_mismatch"
+
+
+class FetchFailed(BundleRefusal):
+    """The server answered an error status, or the connection broke or was reset."""
+
+    code = "fetch_failed"
+
+
+class FetchTimeout(BundleRefusal):
+    """No byte arrived within the gap timeout, or the total deadline passed."""
+
+    code = "timeout"
+
+
+class UnknownScenario(BundleServerError):
+    """A bundle-server scenario name or parameter is not known."""
+
+
 # --- containers ---
+
+
+class ArchiveRefused(UnsafeArchive):
+    """An archive member broke a safety rule; ``archive`` and ``member`` name it. Nothing written."""
+
+    def __init__(self, archive: str, member: str, problem: str, fix: str = "") -> None:
+        self.archive = archive
+        self.member = member
+        self.problem = problem
+        fix = fix or "Rebuild the archive without this member (refusals are all-or-nothing)."
+        super().__init__(f"archive {archive} refused: member {member!r} {problem}. {fix}")
+
+
+class AbsoluteMemberName(ArchiveRefused):
+    """A member name starts with ``/``."""
+
+
+class ParentTraversal(ArchiveRefused):
+    """A member name (or link target) contains a ``..`` component."""
+
+
+class SymlinkEscape(ArchiveRefused):
+    """A symlink points outside the extraction root (absolute, or resolving above it)."""
+
+
+class HardlinkEscape(ArchiveRefused):
+    """A hard link points outside the archive's own regular files."""
+
+
+class MemberThroughSymlink(ArchiveRefused):
+    """A member would be written through a symlink (in the archive or already at the target)."""
+
+
+class DeviceMember(ArchiveRefused):
+    """A character or block device member."""
+
+
+class FifoMember(ArchiveRefused):
+    """A FIFO (named pipe) member."""
+
+
+class UnsupportedMember(ArchiveRefused):
+    """A member of a type that is neither file, directory, symlink nor hard link."""
+
+
+class DirectoryReplaced(ArchiveRefused):
+    """A non-directory member would replace a directory (or a directory a file)."""
+
+
+class DuplicateMember(ArchiveRefused):
+    """Two members have the same normalised name."""
+
+
+class ArchiveTooLarge(ArchiveRefused):
+    """The archive's total content is over the configured ``max_bytes``."""
+
+
+class MemberTooLarge(ArchiveRefused):
+    """One member is over the configured ``max_member_bytes``."""
+
+
+class TooManyMembers(ArchiveRefused):
+    """The archive has more members than the configured ``max_members``."""
+
+
+class CorruptArchive(ArchiveRefused):
+    """The archive cannot be read as tar (or tar.gz) at all."""
+
+
+class DataFilterRefused(ArchiveRefused):
+    """tarfile's ``data`` filter refused a member our own checks let through."""
+
+
+class DestinationNotEmpty(ArchiveRefused):
+    """``extract`` into a non-empty directory without ``merge=True``."""
+
+
+class EngineError(DockerUnavailable):
+    """The Docker engine answered with an error to a plugin call."""
+
+
+class ImageUnavailable(ContainerError):
+    """An image is not present locally and could not be pulled or built."""
+
+
+class ImageBuildFailed(ContainerError):
+    """Building one of the plugin's offline images failed; carries the build log tail."""
+
+
+class LabelRefused(ContainerError):
+    """A user label uses the reserved ``pytest-sandbox.`` prefix."""
+
+
+class ContainerStartFailed(ContainerError):
+    """A container could not be created or started; nothing was left behind."""
+
+
+class ContainerNotReady(ContainerError, TimeoutError):
+    """A container's readiness check did not pass; carries its state and log tail."""
+
+
+class ContainerExited(ContainerError):
+    """A container exited while it was being waited for; carries its exit code and log tail."""
+
+
+class AutoRemoveRefused(ContainerError):
+    """Stop-and-export was asked of a container created with auto-remove."""
+
+
+class DataDirOnTmpfs(ContainerError):
+    """The data dir is a tmpfs mount: stopping the container would lose it."""
+
+
+class RestartFailed(ContainerError):
+    """The container could not be returned to its prior (running) state after a data operation."""
+
+
+class SnapshotError(ContainerError):
+    """A DataStore operation failed (no backup for the key, unreadable backup, …)."""
 
 
 # --- workspace ---
 
 
+class NotAGitRepository(WorkspaceRefused):
+    """The path given as ``repo`` is missing or not inside a git working tree."""
+
+
+class BareRepositoryRefused(WorkspaceRefused):
+    """The path is a bare repository (or inside a ``.git`` dir): there is no working tree."""
+
+
+class EmptyRepositoryRefused(WorkspaceRefused):
+    """The repository has no commit yet, so there is no base commit to prepare from."""
+
+
+class SubmodulesRefused(WorkspaceRefused):
+    """The repository has submodules and the mode is not ``full_copy``."""
+
+
+class FromRefWithoutBranch(WorkspaceRefused):
+    """``from_ref`` was given without ``branch``: a branch to create at that ref is needed."""
+
+
+class UnresolvedRef(WorkspaceRefused):
+    """``from_ref`` does not resolve to a commit in the repository."""
+
+
+class InvalidWorkspaceArgument(WorkspaceRefused):
+    """An argument (mode, branch name, guest path) has a value the workspace cannot use."""
+
+
+class GuestPathInUse(WorkspaceRefused):
+    """The guest path already exists and is not empty; nothing in it was changed."""
+
+
+class HostGitFailed(WorkspaceRefused):
+    """A git command on the host failed while reading the repository."""
+
+
+class GuestCommandFailed(GuestError):
+    """A command in the guest exited non-zero; carries ``exit_code``, ``stdout`` and ``stderr``."""
+
+    def __init__(self, message: str, exit_code: int, stdout: bytes, stderr: bytes) -> None:
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(message)
+
+
+class GuestTimeout(GuestError, TimeoutError):
+    """A command in the guest ran past its timeout; it was killed."""
+
+
+class GuestClosed(GuestError):
+    """The guest was stopped or removed; the operation in flight was aborted."""
+
+
+class SSHUnavailable(GuestError):
+    """OpenSSH (``sshd``/``ssh``/``ssh-keygen``) is missing or the test sshd did not start."""
+
+
 # --- launcher ---
+
+
+class LaunchRefusal(LaunchRefused):
+    """A backend definition was refused; ``service``, ``value`` and ``fix`` say which and why.
+
+    Raised by ``BackendLauncher.launch()`` before anything is spawned.
+    """
+
+    def __init__(self, service: str, value: object, problem: str, fix: str) -> None:
+        self.service = service
+        self.value = value
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"backend {service!r} refused: {problem} ({value!r}). {fix}")
+
+
+class BinaryPathEmpty(LaunchRefusal):
+    """The definition's ``binary_path`` is empty."""
+
+
+class AllowRootEmpty(LaunchRefusal):
+    """The definition's ``allow_root`` is empty."""
+
+
+class AllowRootInvalid(LaunchRefusal):
+    """The allow root does not exist, is not a directory, or is ``/``."""
+
+
+class BinaryPathTraversal(LaunchRefusal):
+    """The binary path contains a ``..`` component (``root/../x``)."""
+
+
+class BinaryOutsideRoot(LaunchRefusal):
+    """The canonical binary path does not lie under the canonical allow root."""
+
+
+class BinarySiblingPrefix(BinaryOutsideRoot):
+    """The binary lies in a sibling that merely shares the root's prefix (``root-evil/``)."""
+
+
+class BinarySymlinkEscape(BinaryOutsideRoot):
+    """The path is under the root as written, but a symlink on it points out of the root."""
+
+
+class BinaryMissing(LaunchRefusal):
+    """The binary does not exist."""
+
+
+class BinaryNotExecutable(LaunchRefusal):
+    """The binary is not a regular file with an execute bit for us."""
+
+
+class WorldWritable(LaunchRefusal):
+    """The binary, the root or a directory between them is writable by every user."""
+
+
+class BinaryWorldWritable(WorldWritable):
+    """The binary itself is world-writable."""
+
+
+class AllowRootWorldWritable(WorldWritable):
+    """The allow root (or a directory between it and the binary) is world-writable."""
+
+
+class InvalidTraceContext(LaunchRefusal, ValueError):
+    """``traceparent`` / ``tracestate`` is not valid W3C Trace Context."""
+
+
+class ReservedEnvironment(LaunchRefusal):
+    """The definition's env sets a variable the launcher owns (``PYTEST_SANDBOX_*``, ``TRACE*``)."""
+
+
+class BackendNotReady(BackendError):
+    """The backend failed its readiness probe or exited while probed; it was stopped.
+
+    ``returncode`` is its exit code (None when it was stopped by us), ``log_tail`` its last lines.
+    """
+
+    def __init__(self, message: str, returncode: int | None = None, log_tail: str = "") -> None:
+        self.returncode = returncode
+        self.log_tail = log_tail
+        super().__init__(message)
+
+
+class BackendIdentityMismatch(BackendError, IdentityMismatch):
+    """The identity record no longer matches the live process (pid, start time, exe, hash).
+
+    Nothing was signalled.
+    """
+
+
+class BackendUnexpectedExit(BackendError):
+    """The backend crashed, or its exit code after ``stop()`` is not an expected one."""

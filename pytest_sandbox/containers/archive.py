@@ -1,0 +1,645 @@
+"""Safe tar archives: validate the whole archive first, then write; refuse all or nothing.
+
+``extract(src, dest, **limits)`` refuses, before writing a single byte, an archive with an
+absolute member name, ``..`` anywhere, a symlink or hard link leaving the root, a member written
+through a symlink, a device or FIFO, a member replacing a directory with a file (or a directory
+a file), duplicate names, or more content / members than the limits allow. Each refusal is its
+own subclass of :class:`pytest_sandbox.errors.UnsafeArchive`. tarfile's ``data`` filter runs as
+well, as a second opinion, and the members are written into a staging directory next to
+``dest`` that is moved into place only when every member was written.
+
+``create(src_dir, dest)`` writes a tar (``.tar``) or tar.gz (``.tar.gz`` / ``.tgz``) of a
+directory's content (names relative to it, symlinks stored as symlinks), atomically.
+``stream(src_dir)`` yields the same archive as chunks for the Docker archive API
+(``put_archive``), with bounded memory; ``extract_stream(chunks, dest)`` is its counterpart for
+``get_archive``: it spools to disk under ``dest``'s parent (the whole archive must be seen before
+anything is written) and then extracts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import secrets
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from pytest_sandbox.errors import (
+    AbsoluteMemberName,
+    ArchiveTooLarge,
+    CorruptArchive,
+    DataFilterRefused,
+    DestinationNotEmpty,
+    DeviceMember,
+    DirectoryReplaced,
+    DuplicateMember,
+    FifoMember,
+    HardlinkEscape,
+    MemberThroughSymlink,
+    MemberTooLarge,
+    ParentTraversal,
+    SymlinkEscape,
+    TooManyMembers,
+    UnsupportedMember,
+)
+
+CHUNK = 1 << 20
+#: Default limits: generous for test data, small enough to stop a tar/gzip bomb.
+MAX_BYTES = 16 << 30
+MAX_MEMBERS = 200_000
+#: Symlinks followed while resolving one path inside the archive (as the kernel's ELOOP limit).
+MAX_SYMLINK_HOPS = 40
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an archive may contain: total content bytes, bytes per member, member count."""
+
+    max_bytes: int = MAX_BYTES
+    max_member_bytes: int | None = None
+    max_members: int = MAX_MEMBERS
+
+
+@dataclass
+class Summary:
+    """What a validated archive holds."""
+
+    members: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    total_bytes: int = 0
+    names: list[str] = field(default_factory=list, repr=False)
+
+
+def _limits(
+    max_bytes: int = MAX_BYTES, max_member_bytes: int | None = None, max_members: int = MAX_MEMBERS
+) -> Limits:
+    return Limits(max_bytes=max_bytes, max_member_bytes=max_member_bytes, max_members=max_members)
+
+
+def _open(src: Path | BinaryIO, label: str) -> tarfile.TarFile:
+    try:
+        if isinstance(src, Path | str):
+            return tarfile.open(src, mode="r:*")
+        return tarfile.open(fileobj=src, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        raise CorruptArchive(
+            label, "-", f"cannot be read as tar or tar.gz ({exc})", "Check the file is a tar."
+        ) from exc
+
+
+def _normalise(name: str, label: str) -> str:
+    """A member name as a relative POSIX path without ``./`` or trailing ``/`` ('.' = root)."""
+    if name.startswith("/") or name.startswith("\\"):
+        raise AbsoluteMemberName(label, name, "has an absolute name")
+    if "\x00" in name:
+        raise UnsupportedMember(label, name, "has a NUL byte in its name")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ParentTraversal(label, name, "has a '..' component")
+    return "/".join(parts) or "."
+
+
+class _Tree:
+    """The archive's tree as validation sees it, including what already exists at ``dest``."""
+
+    def __init__(self, label: str, dest: Path | None) -> None:
+        self.label = label
+        self.dest = dest
+        self.kinds: dict[str, str] = {".": "dir"}  # name -> dir | file | symlink | hardlink
+        self.symlinks: dict[str, str] = {}
+
+    def _on_disk(self, name: str) -> str | None:
+        if self.dest is None or name == ".":
+            return None
+        try:
+            st = os.lstat(self.dest / name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            return "symlink"
+        return "dir" if stat.S_ISDIR(st.st_mode) else "file"
+
+    def kind(self, name: str) -> str | None:
+        return self.kinds.get(name) or self._on_disk(name)
+
+    def link_target(self, name: str) -> str | None:
+        if name in self.symlinks:
+            return self.symlinks[name]
+        if self.dest is not None and self._on_disk(name) == "symlink":
+            return os.readlink(self.dest / name)
+        return None
+
+    def check_parents(self, name: str, member: str) -> None:
+        """No ancestor of ``name`` may be a symlink or a non-directory."""
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            kind = self.kind(parent)
+            if kind == "symlink":
+                raise MemberThroughSymlink(
+                    self.label, member, f"would be written through the symlink {parent!r}"
+                )
+            if kind is not None and kind != "dir":
+                raise DirectoryReplaced(
+                    self.label, member, f"needs {parent!r} to be a directory, it is a file"
+                )
+
+    def resolve(self, start_dir: str, target: str, member: str) -> str:
+        """Where ``target`` (relative to ``start_dir``) lands inside the root, following links."""
+        if target.startswith("/"):
+            raise SymlinkEscape(self.label, member, f"points to the absolute path {target!r}")
+        pending = [p for p in target.split("/") if p not in ("", ".")]
+        here = [p for p in start_dir.split("/") if p not in ("", ".")]
+        hops = 0
+        while pending:
+            part = pending.pop(0)
+            if part == "..":
+                if not here:
+                    raise SymlinkEscape(
+                        self.label, member, f"points to {target!r}, which leaves the root"
+                    )
+                here.pop()
+                continue
+            candidate = "/".join([*here, part])
+            link = self.link_target(candidate)
+            if link is None:
+                here.append(part)
+                continue
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS or link.startswith("/"):
+                raise SymlinkEscape(
+                    self.label, member, f"points to {target!r} through a looping/absolute link"
+                )
+            pending = [p for p in link.split("/") if p not in ("", ".")] + pending
+        return "/".join(here) or "."
+
+
+def _check_member(
+    info: tarfile.TarInfo, tree: _Tree, seen: set[str], summary: Summary, limits: Limits
+) -> str:
+    label = tree.label
+    name = _normalise(info.name, label)
+    summary.members += 1
+    if summary.members > limits.max_members:
+        raise TooManyMembers(
+            label, info.name, f"is number {summary.members}, over max_members={limits.max_members}"
+        )
+    if info.ischr() or info.isblk():
+        raise DeviceMember(label, info.name, "is a device node")
+    if info.isfifo():
+        raise FifoMember(label, info.name, "is a FIFO")
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        raise UnsupportedMember(label, info.name, f"has the unsupported tar type {info.type!r}")
+    if name in seen:
+        before = tree.kinds.get(name)
+        if (before == "dir") != info.isdir():
+            raise DirectoryReplaced(
+                label, info.name, f"changes an earlier {before} of the same name into another type"
+            )
+        raise DuplicateMember(label, info.name, "appears twice in the archive")
+    seen.add(name)
+    if name == ".":
+        if not info.isdir():
+            raise DirectoryReplaced(label, info.name, "would replace the root with a non-directory")
+        return name
+    tree.check_parents(name, info.name)
+    existing = tree.kind(name)
+    if info.isdir():
+        if existing not in (None, "dir"):
+            raise DirectoryReplaced(label, info.name, f"is a directory over an existing {existing}")
+        tree.kinds[name] = "dir"
+        summary.dirs += 1
+    else:
+        if existing == "dir":
+            raise DirectoryReplaced(label, info.name, "would replace a directory with a file")
+        if existing == "symlink" and tree.dest is not None and name not in tree.kinds:
+            raise MemberThroughSymlink(label, info.name, "would overwrite a symlink at the target")
+    if info.issym():
+        target = info.linkname
+        if target.startswith("/"):
+            raise SymlinkEscape(label, info.name, f"points to the absolute path {target!r}")
+        tree.resolve(posixpath.dirname(name), target, info.name)
+        tree.kinds[name] = "symlink"
+        tree.symlinks[name] = target
+        summary.symlinks += 1
+    elif info.islnk():
+        target = info.linkname
+        if target.startswith("/"):
+            raise HardlinkEscape(label, info.name, f"links to the absolute path {target!r}")
+        parts = [p for p in target.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise HardlinkEscape(label, info.name, f"links to {target!r}, which has '..'")
+        norm = "/".join(parts)
+        if tree.kinds.get(norm) != "file":
+            raise HardlinkEscape(
+                label, info.name, f"links to {target!r}, not a regular file earlier in the archive"
+            )
+        tree.kinds[name] = "file"
+        summary.hardlinks += 1
+    elif info.isreg():
+        tree.kinds[name] = "file"
+        summary.files += 1
+        cap = limits.max_member_bytes
+        if cap is not None and info.size > cap:
+            raise MemberTooLarge(
+                label, info.name, f"is {info.size} bytes, over max_member_bytes={cap}"
+            )
+        summary.total_bytes += info.size
+        if summary.total_bytes > limits.max_bytes:
+            raise ArchiveTooLarge(
+                label,
+                info.name,
+                f"brings the content to {summary.total_bytes} bytes, over max_bytes="
+                f"{limits.max_bytes}",
+                "Raise max_bytes if the archive is trusted, or split it.",
+            )
+    # tarfile's own opinion, against a stand-in root (it only reads the path lexically there).
+    try:
+        tarfile.data_filter(info, "/nonexistent-psb-root")
+    except tarfile.FilterError as exc:
+        raise DataFilterRefused(
+            label, info.name, f"was refused by tarfile's data filter ({exc})"
+        ) from exc
+    return name
+
+
+def validate(
+    src: Path | BinaryIO,
+    *,
+    dest: Path | None = None,
+    label: str | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_member_bytes: int | None = None,
+    max_members: int = MAX_MEMBERS,
+) -> Summary:
+    """Read every member header and raise the first refusal; write nothing.
+
+    ``dest``, when given, is the directory the archive would be merged into: existing symlinks
+    and directories there count (a member may not go through one or replace one).
+    """
+    limits = _limits(max_bytes, max_member_bytes, max_members)
+    label = label or (str(src) if isinstance(src, Path | str) else "<stream>")
+    tree = _Tree(label, dest)
+    seen: set[str] = set()
+    summary = Summary()
+    with _open(src, label) as tar:
+        try:
+            for info in tar:
+                summary.names.append(_check_member(info, tree, seen, summary, limits))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise CorruptArchive(label, "-", f"is truncated or corrupt ({exc})") from exc
+    return summary
+
+
+def _keep_modes(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    """tarfile's ``data`` filter, but directories keep their (group/other-safe) mode."""
+    filtered = tarfile.data_filter(member, path)
+    if member.isdir():
+        return filtered.replace(mode=(member.mode & 0o755) | 0o700, deep=False)
+    return filtered
+
+
+def extract(
+    src: Path | str,
+    dest: Path | str,
+    *,
+    merge: bool = False,
+    max_bytes: int = MAX_BYTES,
+    max_member_bytes: int | None = None,
+    max_members: int = MAX_MEMBERS,
+) -> Summary:
+    """Validate the whole archive at ``src`` (tar or tar.gz), then extract it into ``dest``.
+
+    ``dest`` must be missing or empty unless ``merge=True`` (then existing files are replaced
+    and existing directories kept). On any refusal nothing is written and ``dest`` is unchanged.
+    """
+    src, dest = Path(src), Path(dest)
+    label = str(src)
+    exists = dest.exists()
+    if exists and not merge and any(dest.iterdir()):
+        raise DestinationNotEmpty(
+            label, "-", f"would be extracted into the non-empty {dest}", "Pass merge=True."
+        )
+    summary = validate(
+        src,
+        dest=dest if merge and exists else None,
+        label=label,
+        max_bytes=max_bytes,
+        max_member_bytes=max_member_bytes,
+        max_members=max_members,
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+    try:
+        with _open(src, label) as tar:
+            try:
+                tar.extractall(staging, filter=_keep_modes)
+            except tarfile.FilterError as exc:
+                raise DataFilterRefused(
+                    label, "-", f"was refused by the data filter ({exc})"
+                ) from exc
+        _commit(staging, dest, merge=merge and exists)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _commit(staging: Path, dest: Path, *, merge: bool) -> None:
+    """Move the staged tree into place (a rename when ``dest`` is missing or empty)."""
+    if not merge:
+        root_mode = stat.S_IMODE(os.lstat(staging).st_mode)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            dest.rmdir()  # empty (checked); rename needs it gone
+        os.rename(staging, dest)
+        staging.mkdir()  # the finally's rmtree expects something there
+        os.chmod(dest, root_mode if root_mode != 0o700 else 0o755)
+        return
+    for dirpath, dirnames, filenames in os.walk(staging):
+        rel = Path(dirpath).relative_to(staging)
+        target_dir = dest / rel
+        for d in dirnames:
+            src_d = Path(dirpath) / d
+            if src_d.is_symlink():
+                os.replace(src_d, target_dir / d)
+            else:
+                (target_dir / d).mkdir(exist_ok=True)
+                shutil.copymode(src_d, target_dir / d)
+        for f in filenames:
+            os.replace(Path(dirpath) / f, target_dir / f)
+
+
+def extract_stream(
+    chunks: Iterable[bytes],
+    dest: Path | str,
+    *,
+    strip_first: bool = False,
+    merge: bool = False,
+    max_bytes: int = MAX_BYTES,
+    max_member_bytes: int | None = None,
+    max_members: int = MAX_MEMBERS,
+) -> Summary:
+    """Spool ``chunks`` (e.g. ``container.get_archive(path)[0]``) to disk, then :func:`extract`.
+
+    The raw stream is capped at ``2 * max_bytes`` while spooling (headers and padding included),
+    so a hostile stream cannot fill the disk. ``strip_first`` drops the leading path component
+    (``get_archive("/data")`` names members ``data/...``).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, spool_name = tempfile.mkstemp(prefix=f".{dest.name}.spool-", dir=dest.parent)
+    spool = Path(spool_name)
+    try:
+        written = 0
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                written += len(chunk)
+                if written > 2 * max_bytes + (1 << 20):
+                    raise ArchiveTooLarge(
+                        "<stream>", "-", f"is over {written} bytes, above 2 * max_bytes"
+                    )
+                out.write(chunk)
+        source = spool
+        if strip_first:
+            source = spool.with_name(spool.name + ".stripped")
+            with open(source, "wb") as out:
+                for piece in rewrite(spool, strip_first=True):
+                    out.write(piece)
+        try:
+            return extract(
+                source,
+                dest,
+                merge=merge,
+                max_bytes=max_bytes,
+                max_member_bytes=max_member_bytes,
+                max_members=max_members,
+            )
+        finally:
+            if source != spool:
+                source.unlink(missing_ok=True)
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def _header(info: tarfile.TarInfo) -> bytes:
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _pad(size: int) -> bytes:
+    rest = size % tarfile.BLOCKSIZE
+    return b"\0" * (tarfile.BLOCKSIZE - rest) if rest else b""
+
+
+def _info_for(path: Path, arcname: str) -> tarfile.TarInfo:
+    st = os.lstat(path)
+    info = tarfile.TarInfo(arcname)
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.mtime = int(st.st_mtime)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    if stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(path)
+    elif stat.S_ISREG(st.st_mode):
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+    else:
+        raise UnsupportedMember(
+            str(path), arcname, "is a special file (device, FIFO or socket)", "Remove it first."
+        )
+    return info
+
+
+def _walk(src_dir: Path) -> Iterator[tuple[Path, str]]:
+    """(path, member name) for everything under ``src_dir``, parents first, sorted, no follow."""
+    for dirpath, dirnames, filenames in os.walk(src_dir):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(src_dir)
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            yield path, (rel / name).as_posix()
+        # os.walk would descend into symlinked dirs listed in dirnames only with followlinks
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+
+
+def _tar_chunks(src_dir: Path, prefix: str = "") -> Iterator[bytes]:
+    """A plain tar of ``src_dir``'s content, member by member, file data in 1 MiB chunks."""
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"{src_dir} is not a directory")
+    if prefix:
+        root = _info_for(src_dir, prefix)
+        yield _header(root)
+    for path, rel in _walk(src_dir):
+        info = _info_for(path, f"{prefix}/{rel}" if prefix else rel)
+        yield _header(info)
+        if info.isreg():
+            remaining = info.size
+            with open(path, "rb") as handle:
+                while remaining > 0:
+                    data = handle.read(min(CHUNK, remaining))
+                    if not data:  # the file shrank while we read it: pad with zeros
+                        data = b"\0" * remaining
+                    remaining -= len(data)
+                    yield data
+            yield _pad(info.size)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+def _gzip(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
+    comp = zlib.compressobj(level, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        out = comp.compress(chunk)
+        if out:
+            yield out
+    yield comp.flush()
+
+
+def stream(
+    src_dir: Path | str, *, compress: bool = False, level: int = 1, prefix: str = ""
+) -> Iterator[bytes]:
+    """Yield a tar (or tar.gz) of ``src_dir``'s content; memory stays at about one chunk.
+
+    Usable as ``container.put_archive(path, stream(dir))``. ``prefix`` puts every member under
+    one directory of that name.
+    """
+    chunks = _tar_chunks(Path(src_dir), prefix)
+    return _gzip(chunks, level) if compress else chunks
+
+
+def is_gzip_name(path: Path | str) -> bool:
+    return str(path).endswith((".gz", ".tgz"))
+
+
+def write_atomic(chunks: Iterable[bytes], dest: Path | str, *, mode: int = 0o600) -> int:
+    """Write ``chunks`` to a temp file beside ``dest``, fsync, rename. Returns bytes written."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    written = 0
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                written += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def create(
+    src_dir: Path | str, dest: Path | str, *, compress: bool | None = None, mode: int = 0o600
+) -> Path:
+    """Archive ``src_dir``'s content into ``dest`` atomically (temp file + fsync + rename).
+
+    Compressed (gzip level 1, for speed) when ``dest`` ends with ``.gz``/``.tgz`` unless
+    ``compress`` says otherwise. The file gets ``mode`` (0600: data snapshots may be secret).
+    """
+    dest = Path(dest)
+    gz = is_gzip_name(dest) if compress is None else compress
+    write_atomic(stream(src_dir, compress=gz), dest, mode=mode)
+    return dest
+
+
+# --- rewriting (for the Docker archive API) ----------------------------------------------
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of byte chunks (for ``tarfile.open(mode="r|*")``)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def reader(chunks: Iterable[bytes]) -> IO[bytes]:
+    """A buffered, read-only file object over an iterator of chunks."""
+    return io.BufferedReader(_ChunkReader(chunks), buffer_size=CHUNK)
+
+
+def rewrite(
+    src: Path | Iterable[bytes],
+    *,
+    strip_first: bool = False,
+    compress: bool = False,
+    level: int = 1,
+) -> Iterator[bytes]:
+    """Re-emit a tar stream, optionally dropping each member's first path component.
+
+    Docker's ``get_archive("/data")`` names members ``data/...``; a data snapshot names them
+    relative to the data dir. The root entry itself becomes ``.``. Streams: constant memory.
+    """
+
+    def chunks() -> Iterator[bytes]:
+        fileobj: IO[bytes]
+        opened = open(src, "rb") if isinstance(src, Path) else reader(src)  # noqa: SIM115
+        with opened as fileobj, tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+            for info in tar:
+                name = info.name
+                if strip_first:
+                    _, _, rest = name.lstrip("/").partition("/")
+                    name = rest or "."
+                    if info.islnk():
+                        _, _, link_rest = info.linkname.lstrip("/").partition("/")
+                        info.linkname = link_rest
+                # the name/linkname set above must win over the original pax records
+                info.pax_headers = {
+                    k: v for k, v in info.pax_headers.items() if k not in ("path", "linkpath")
+                }
+                if name == "." and info.isdir():
+                    info.name = "."
+                else:
+                    info.name = name
+                yield _header(info)
+                if info.isreg():
+                    handle = tar.extractfile(info)
+                    if handle is not None:
+                        while True:
+                            data = handle.read(CHUNK)
+                            if not data:
+                                break
+                            yield data
+                        yield _pad(info.size)
+        yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+    return _gzip(chunks(), level) if compress else chunks()
