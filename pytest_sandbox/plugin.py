@@ -3,6 +3,295 @@
 from __future__ import annotations
 
 # === core (lead) ===
+import contextlib
+import os
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import pytest
+
+from pytest_sandbox import settings as settings_mod
+from pytest_sandbox.errors import SettingsError
+from pytest_sandbox.runtime import reaper as reaper_mod
+from pytest_sandbox.runtime.ledger import Ledger, Tracker
+from pytest_sandbox.runtime.processes import ReadySpec, TrackedProcess
+from pytest_sandbox.runtime.run import RunContext
+from pytest_sandbox.settings import SandboxSettings
+
+#: Environment sweepers run by the reaper at session start and by ``pytest-sandbox reap``:
+#: they release objects of a dead owner found by label rather than by ledger row.
+SWEEPERS: tuple[str, ...] = ("pytest_sandbox.containers.engine:sweep_orphans",)
+
+
+@dataclass
+class _Session:
+    """Per-process plugin state, kept in ``config.stash``."""
+
+    settings: SandboxSettings
+    run: RunContext
+    ledger: Ledger
+    reaper: Popen[bytes] | None = None
+    swept: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
+    final: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
+
+
+_SESSION = pytest.StashKey[_Session]()
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+_LOGS = pytest.StashKey[list[tuple[str, Path]]]()
+
+
+def _state(config: pytest.Config) -> _Session:
+    try:
+        return config.stash[_SESSION]
+    except KeyError:
+        raise RuntimeError("pytest-sandbox is not configured in this session") from None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    settings_mod.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sandbox(**overrides): override pytest-sandbox settings for one test, "
+        "e.g. keep='failed', guest='ssh', kernel='require'",
+    )
+    settings = settings_mod.from_config(config)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "sandbox_run" in workerinput:
+        run = RunContext.for_worker(workerinput["sandbox_run"], workerinput["workerid"])
+    else:
+        run = RunContext.for_controller(settings.state_dir, settings.socket_dir)
+    run.ensure_dirs()
+    ledger = Ledger.in_state_dir(settings.state_dir)
+    ledger.register_owner(run.run_id, run.worker_id, run.me)
+    config.stash[_SESSION] = _Session(settings=settings, run=run, ledger=ledger)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(), "sandbox-xdist")
+
+
+class _XdistHooks:
+    """Hands the controller's run to every xdist worker."""
+
+    @pytest.hookimpl
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["sandbox_run"] = _state(node.config).run.to_workerinput()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if not state.run.is_controller:
+        return
+    state.swept = reaper_mod.sweep_ledger(state.ledger, current_run_id=state.run.run_id)
+    sweepers = SWEEPERS if state.settings.docker != "off" else ()
+    if state.settings.reaper:
+        state.reaper = reaper_mod.start_reaper(
+            state.settings.state_dir, state.run.run_id, state.run.run_dir / "reaper.log",
+            sweepers,
+        )
+    elif sweepers:
+        state.swept.extend(
+            reaper_mod.run_sweepers(state.ledger, sweepers, current_run_id=state.run.run_id)
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pytest_sandbox.runtime import host
+
+    state = _state(config)
+    reaper = f"pid {state.reaper.pid}" if state.reaper else "off"
+    engine = host.docker_engine().describe() if state.settings.docker != "off" else "off"
+    return [
+        f"sandbox: run {state.run.run_id}, {state.settings.describe()}",
+        f"sandbox: engine: {engine}; landlock ABI: {host.landlock_abi()}; reaper: {reaper}",
+    ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    logs = item.stash.get(_LOGS, None)
+    if report.failed and logs:
+        from pytest_sandbox.runtime.processes import log_tail
+
+        for title, path in logs:
+            report.sections.append((f"sandbox log: {title} ({path})", log_tail(path, lines=50)))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    state = _state(session.config)
+    if not state.run.is_controller:
+        return
+    # Every worker is done: what is left of this run is released now (shared resources by
+    # plan, anything a crashed worker left behind as reaped).
+    leftovers = state.ledger.rows(run_id=state.run.run_id, kept=False)
+    shared = [r for r in leftovers if r.details.get("shared")]
+    rest = [r for r in leftovers if r not in shared]
+    state.final = reaper_mod.release_rows(state.ledger, shared, event="released")
+    state.final.extend(reaper_mod.release_rows(state.ledger, rest, event="reaped"))
+    for failure in state.final.failed:
+        state.ledger.record_event(state.run.run_id, "leaked", "resource", failure)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = _state(config)
+    if not state.run.is_controller:
+        return
+    counts = state.ledger.counts(state.run.run_id)
+    terminalreporter.write_line(
+        f"sandbox: {counts['created']} created, {counts['released']} released, "
+        f"{counts['reaped']} reaped, {counts['kept']} kept, {counts['leaked']} leaked"
+    )
+    for line in state.swept.released:
+        terminalreporter.write_line(f"sandbox: swept from a dead run: {line}")
+    for line in state.swept.failed + state.final.failed:
+        terminalreporter.write_line(f"sandbox: could not release: {line}", red=True)
+    kept = state.ledger.rows(run_id=state.run.run_id, kept=True)
+    if kept:
+        terminalreporter.write_line(
+            f"sandbox: {len(kept)} resource(s) kept; remove them with: "
+            f"pytest-sandbox reap --kept --run {state.run.run_id}"
+        )
+        for row in kept:
+            terminalreporter.write_line(f"sandbox:   kept {row.describe()}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    if state.reaper is not None:
+        reaper_mod.stop_reaper(state.reaper)
+    if state.run.is_controller:
+        state.ledger.forget_run(state.run.run_id)
+        with contextlib.suppress(OSError):
+            state.run.socket_dir.rmdir()
+    state.ledger.close()
+
+
+# --- helpers for fixtures -------------------------------------------------------------
+
+
+def _should_keep(request: pytest.FixtureRequest, settings: SandboxSettings) -> bool:
+    if settings.keep == "always":
+        return True
+    if settings.keep == "failed":
+        reports = request.node.stash.get(_REPORTS, {})
+        return any(r.failed for r in reports.values())
+    return False
+
+
+def _finish(
+    request: pytest.FixtureRequest,
+    close: Callable[[], object],
+    keep: Callable[[], object] | None = None,
+) -> None:
+    """End a resource at fixture teardown: ``keep()`` when the keep policy says so, else
+    ``close()``."""
+    settings = _effective_settings(request)
+    if keep is not None and _should_keep(request, settings):
+        keep()
+    else:
+        close()
+
+
+def _attach_log(request: pytest.FixtureRequest, title: str, path: Path) -> None:
+    """Attach ``path``'s tail to the test's report if the test fails."""
+    request.node.stash.setdefault(_LOGS, []).append((title, path))
+
+
+def _effective_settings(request: pytest.FixtureRequest) -> SandboxSettings:
+    settings = _state(request.config).settings
+    marker = request.node.get_closest_marker("sandbox")
+    if marker is None:
+        return settings
+    try:
+        return settings.with_overrides(marker.kwargs, f"marker on {request.node.nodeid}")
+    except SettingsError as exc:
+        raise pytest.UsageError(f"pytest-sandbox: {exc}") from exc
+
+
+# --- core fixtures --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sandbox_run(request: pytest.FixtureRequest) -> RunContext:
+    """The run this test session belongs to: ``run_id`` (shared by all xdist workers),
+    ``worker_id`` (``master`` or ``gwN``), ``state_dir``, ``run_dir``, ``socket_dir``."""
+    return _state(request.config).run
+
+
+@pytest.fixture
+def sandbox_settings(request: pytest.FixtureRequest) -> SandboxSettings:
+    """The effective pytest-sandbox settings for this test (``@pytest.mark.sandbox(...)``
+    overrides applied): ``keep``, ``docker``, ``kernel``, ``guest``, ``state_dir``, ``reaper``."""
+    return _effective_settings(request)
+
+
+@pytest.fixture(scope="session")
+def _sandbox_session_tracker(request: pytest.FixtureRequest) -> Tracker:
+    state = _state(request.config)
+    return Tracker(state.ledger, state.run)
+
+
+@pytest.fixture
+def _sandbox_tracker(request: pytest.FixtureRequest, _sandbox_session_tracker: Tracker) -> Tracker:
+    return _sandbox_session_tracker.for_node(request.node.nodeid)
+
+
+ProcessFactory = Callable[..., TrackedProcess]
+
+
+@pytest.fixture
+def sandbox_process(
+    request: pytest.FixtureRequest, sandbox_run: RunContext, _sandbox_tracker: Tracker
+) -> Iterator[ProcessFactory]:
+    """Factory ``(argv, *, env=None, cwd=None, ready=None, timeout=10.0) -> TrackedProcess``.
+
+    Starts ``argv`` in its own session with stdout/stderr in a log file (attached to the report
+    of a failing test) and waits for ``ready``: a probe callable, a regex on the log (str) or a
+    TCP port (int). Every process is stopped at teardown (SIGTERM, grace, SIGKILL to its whole
+    group); if pytest dies, the run's reaper stops it.
+    """
+    started: list[TrackedProcess] = []
+
+    def factory(
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        ready: ReadySpec = None,
+        timeout: float = 10.0,
+        grace: float = 3.0,
+    ) -> TrackedProcess:
+        argv_list = [os.fspath(a) for a in argv]
+        name = Path(argv_list[0]).name if argv_list else "process"
+        proc = TrackedProcess(
+            argv_list, log_path=sandbox_run.new_log_path(name), env=env, cwd=cwd, ready=ready,
+            timeout=timeout, grace=grace, tracker=_sandbox_tracker, name=name,
+        )
+        started.append(proc)
+        _attach_log(request, f"{name}", proc.log_path)
+        return proc.start()
+
+    yield factory
+    errors = []
+    for proc in reversed(started):
+        try:
+            _finish(request, proc.stop, proc.keep)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise ExceptionGroup("stopping tracked processes failed", errors)
+
 
 
 # === fsworker fixtures ===

@@ -348,7 +348,7 @@ class Tracker:
             owner=self.run.run_owner if shared else self.run.me,
             releaser=releaser,
             nodeid=self.nodeid,
-            details={"token": token, **(details or {})},
+            details={"token": token, **({"shared": True} if shared else {}), **(details or {})},
         )
         return Tracked(self.ledger, rid, token)
 

@@ -1,0 +1,104 @@
+"""Cheap facts about this machine, for the report header and ``pytest-sandbox doctor``.
+
+Nothing here imports the docker SDK: the engine is asked for ``/version`` with a raw HTTP request
+over its Unix socket, which costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        version = libc.syscall(
+            _SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
+        )
+    except (OSError, AttributeError):
+        return 0
+    return max(0, int(version))
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the Docker engine said about itself (``version`` is None when none answered)."""
+
+    endpoint: str
+    version: str | None
+    error: str = ""
+
+    def describe(self) -> str:
+        if self.version:
+            return f"docker {self.version} at {self.endpoint}"
+        return f"no engine at {self.endpoint} ({self.error})"
+
+
+def docker_endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def docker_engine(timeout: float = 1.0) -> EngineInfo:
+    """Ask a local Docker engine for its version (Unix socket endpoints only; others are
+    reported as 'not probed' and left to the docker SDK)."""
+    endpoint = docker_endpoint()
+    if not endpoint.startswith("unix://"):
+        return EngineInfo(endpoint, None, "not probed here (non-Unix endpoint)")
+    path = endpoint[len("unix://") :]
+    if not os.path.exists(path):
+        return EngineInfo(endpoint, None, "socket does not exist")
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        conn.request("GET", "/version")
+        response = conn.getresponse()
+        body = json.loads(response.read() or b"{}")
+        if response.status != 200:
+            return EngineInfo(endpoint, None, f"HTTP {response.status}")
+        return EngineInfo(endpoint, str(body.get("Version", "unknown")))
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return EngineInfo(endpoint, None, str(exc) or type(exc).__name__)
+    finally:
+        conn.close()
+
+
+def tool_version(name: str, argv: list[str]) -> str | None:
+    """First line of a tool's version output, or None when the tool is not installed."""
+    path = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if path is None:
+        return None
+    try:
+        done = subprocess.run(
+            [path, *argv], capture_output=True, timeout=5, check=False, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return path
+    text = (done.stdout or done.stderr).decode("utf-8", "replace").strip().splitlines()
+    return text[0] if text else path
