@@ -307,3 +307,32 @@ def sandbox_process(
 
 
 # === launcher fixtures ===
+
+
+@pytest.fixture
+def sandbox_backend(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    sandbox_run: RunContext,
+    _sandbox_tracker: Tracker,
+) -> Iterator[Any]:
+    """``BackendLauncher`` over a fresh per-test allow root (``allow_root``).
+
+    ``launch(ServiceDefinition(...), *, trace=None) -> BackendHandle`` runs a daemon only from
+    an allow-listed root, with a verified identity (pid, start time, exe, exe SHA-256), W3C trace
+    context and a readiness probe; refusals raise ``LaunchRefused`` subclasses before anything is
+    spawned. ``install(path)`` copies a daemon into the allow root, ``install_demo_daemon()``
+    writes a tiny HTTP daemon there, ``service(name, binary, **options)`` builds a definition
+    over it. Every backend is stopped (identity checked) at teardown and its log attached to a
+    failing test's report; if pytest dies, the run's reaper stops it.
+    """
+    from pytest_sandbox.launcher import BackendLauncher
+
+    launcher = BackendLauncher(
+        tmp_path_factory.mktemp("backend-root"),
+        run=sandbox_run,
+        tracker=_sandbox_tracker,
+        log_hook=lambda title, path: _attach_log(request, title, path),
+    )
+    yield launcher
+    _finish(request, launcher.close, launcher.keep)
