@@ -28,7 +28,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -465,19 +465,30 @@ def _info_for(path: Path, arcname: str) -> tarfile.TarInfo:
     return info
 
 
-def _walk(src_dir: Path) -> Iterator[tuple[Path, str]]:
-    """(path, member name) for everything under ``src_dir``, parents first, sorted, no follow."""
+def _walk(
+    src_dir: Path, exclude: Callable[[str], bool] | None = None
+) -> Iterator[tuple[Path, str]]:
+    """(path, member name) for everything under ``src_dir``, parents first, sorted, no follow.
+
+    ``exclude(name)`` drops a member (and, for a directory, what is under it).
+    """
     for dirpath, dirnames, filenames in os.walk(src_dir):
-        dirnames.sort()
         rel = Path(dirpath).relative_to(src_dir)
+        kept_dirs = []
         for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            yield path, (rel / name).as_posix()
-        # os.walk would descend into symlinked dirs listed in dirnames only with followlinks
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+            member = (rel / name).as_posix()
+            if exclude is not None and exclude(member):
+                continue
+            if name in dirnames:
+                kept_dirs.append(name)
+            yield Path(dirpath) / name, member
+        # os.walk follows symlinked dirs only with followlinks; sorted for a stable order
+        dirnames[:] = [d for d in sorted(kept_dirs) if not (Path(dirpath) / d).is_symlink()]
 
 
-def _tar_chunks(src_dir: Path, prefix: str = "") -> Iterator[bytes]:
+def _tar_chunks(
+    src_dir: Path, prefix: str = "", exclude: Callable[[str], bool] | None = None
+) -> Iterator[bytes]:
     """A plain tar of ``src_dir``'s content, member by member, file data in 1 MiB chunks."""
     src_dir = Path(src_dir)
     if not src_dir.is_dir():
@@ -485,7 +496,7 @@ def _tar_chunks(src_dir: Path, prefix: str = "") -> Iterator[bytes]:
     if prefix:
         root = _info_for(src_dir, prefix)
         yield _header(root)
-    for path, rel in _walk(src_dir):
+    for path, rel in _walk(src_dir, exclude):
         info = _info_for(path, f"{prefix}/{rel}" if prefix else rel)
         yield _header(info)
         if info.isreg():
@@ -511,14 +522,19 @@ def _gzip(chunks: Iterable[bytes], level: int) -> Iterator[bytes]:
 
 
 def stream(
-    src_dir: Path | str, *, compress: bool = False, level: int = 1, prefix: str = ""
+    src_dir: Path | str,
+    *,
+    compress: bool = False,
+    level: int = 1,
+    prefix: str = "",
+    exclude: Callable[[str], bool] | None = None,
 ) -> Iterator[bytes]:
     """Yield a tar (or tar.gz) of ``src_dir``'s content; memory stays at about one chunk.
 
     Usable as ``container.put_archive(path, stream(dir))``. ``prefix`` puts every member under
     one directory of that name.
     """
-    chunks = _tar_chunks(Path(src_dir), prefix)
+    chunks = _tar_chunks(Path(src_dir), prefix, exclude)
     return _gzip(chunks, level) if compress else chunks
 
 
