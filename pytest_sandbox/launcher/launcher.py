@@ -451,15 +451,16 @@ class BackendHandle:
     def stop(self, grace: float | None = None, *, check: bool = True) -> int | None:
         """Stop the backend's process group (identity verified first) and release its row.
 
-        SIGTERM → ``grace`` (default the definition's) → SIGKILL → wait. Idempotent. With
-        ``check`` (default), raises :class:`BackendUnexpectedExit` when the backend had crashed
+        SIGTERM → ``grace`` (default the definition's) → SIGKILL → wait. Idempotent: only the
+        first call reports. With ``check`` (default), raises :class:`BackendUnexpectedExit` when the backend had crashed
         or ended with an exit code outside ``expected_exit_codes``. Raises
         :class:`BackendIdentityMismatch` — and signals nothing — when the identity no longer
         holds.
         """
         with self._lock:
-            if not self._stopped:
-                self._stop_locked(self.service.grace if grace is None else grace)
+            if self._stopped:
+                return self.returncode  # the first stop() reported; later calls are quiet
+            self._stop_locked(self.service.grace if grace is None else grace)
         code = self.returncode
         if check:
             self._check_exit(code)
@@ -627,7 +628,12 @@ class BackendLauncher:
         """
         if self._closed:
             raise errors.BackendError("this BackendLauncher is closed; make a new one")
-        context = TraceContext.coerce(trace)
+        try:
+            context = TraceContext.coerce(trace)
+        except errors.InvalidTraceContext as exc:  # name the service, not just "trace"
+            raise errors.InvalidTraceContext(
+                service.name, exc.value, exc.problem, exc.fix
+            ) from None
         checked = check_binary(service)
         own_env = check_env(service)
         if service.endpoint not in ("unix", "tcp"):
