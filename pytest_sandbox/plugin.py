@@ -300,6 +300,70 @@ def sandbox_process(
 # === bundles fixtures ===
 
 
+@pytest.fixture
+def sandbox_bundle_server() -> Iterator[Any]:
+    """A running ``BundleServer`` on loopback, fresh for this test.
+
+    ``url``; ``tenant(api_key).publish(files_or_dir, version=..., ts=None, expires=None)``;
+    ``scenario(name, **params)`` (or ``queue(...)`` for a one-shot) to make it misbehave —
+    rollback, unsafe paths, endless data, stalls, TCP resets… (``faults.SCENARIOS``);
+    ``requests``, ``assert_requested(path, count=)``, ``assert_no_file_requests()``. Errors
+    raised in its threads fail the test at teardown (``check()``).
+    """
+    from pytest_sandbox.bundles.server import BundleServer
+
+    server = BundleServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+    server.check()
+
+
+@pytest.fixture
+def sandbox_bundle_puller(
+    request: pytest.FixtureRequest, sandbox_bundle_server: Any, tmp_path: Path
+) -> Callable[..., Any]:
+    """Factory ``(api_key, **options) -> BundlePuller`` bound to ``sandbox_bundle_server``.
+
+    Each call gets a fresh bundle root under ``tmp_path`` (pass ``root=`` to share one).
+    ``options`` are ``BundlePuller``'s: ``version_range`` (default ``>=0.4.0,<0.5.0``),
+    ``keep``, ``gap_timeout``, ``deadline``, ``max_age``, ``public_key``, ``audit``… When the
+    test also uses ``sandbox_sidecar``, its socket is the default ``sidecar_socket``.
+    ``tick()`` reports ``installed | up_to_date | busy | refused``; ``pull()`` raises.
+    """
+    import itertools
+
+    from pytest_sandbox.bundles.puller import BundlePuller
+
+    counter = itertools.count()
+
+    def make(api_key: str, **options: Any) -> BundlePuller:
+        options.setdefault("root", tmp_path / f"bundle-root-{next(counter)}")
+        if "sandbox_sidecar" in request.fixturenames:
+            stub = request.getfixturevalue("sandbox_sidecar")
+            options.setdefault("sidecar_socket", stub.socket_path)
+        if sandbox_bundle_server.tls:
+            options.setdefault("ssl_context", sandbox_bundle_server.client_ssl_context())
+        return BundlePuller(sandbox_bundle_server.url, api_key, **options)
+
+    return make
+
+
+@pytest.fixture
+def sandbox_sidecar(sandbox_run: RunContext) -> Iterator[Any]:
+    """A ``SidecarStub`` on a Unix socket in the run's socket dir: ``socket_path``,
+    ``reply(200, 409, "hang", "close", ...)`` to program its next answers to
+    ``POST /bundle/reload``, ``calls`` (the call log). Removed at teardown."""
+    from pytest_sandbox.bundles.sidecar import SidecarStub
+
+    stub = SidecarStub(sandbox_run.new_socket_path("sidecar")).start()
+    try:
+        yield stub
+    finally:
+        stub.close()
+
+
 # === containers fixtures ===
 
 
