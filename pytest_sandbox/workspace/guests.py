@@ -1,0 +1,832 @@
+"""Guests: machines a workspace can be prepared in — a local dir, an SSH host, a container.
+
+Every guest speaks the same small protocol (:class:`Guest`): ``run(argv, stdin=...)`` with
+stdin streamed in and stdout/stderr collected, an exit code and a timeout; ``put_tar(stream,
+path)`` to unpack a tar stream at a path; ``read_file(path)``. Each is a ledger resource with a
+module-level releaser, so a guest outlives neither its test nor a ``kill -9`` of pytest.
+
+``close()`` never waits for a workspace operation: it aborts what is in flight (kills the
+command, cancels the tar stream) and tears the guest down; the operation then fails with
+:class:`~pytest_sandbox.errors.GuestClosed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol, runtime_checkable
+
+from pytest_sandbox.errors import GuestClosed, GuestCommandFailed, GuestError, GuestTimeout
+from pytest_sandbox.runtime.ledger import ResourceTracker, Tracked, track
+
+#: Environment variable carrying a guest's ledger token into every command it runs, so the
+#: releaser can find strays (same name as the runtime's, on purpose: one convention).
+TOKEN_ENV = "PYTEST_SANDBOX_RESOURCE"
+DEFAULT_TIMEOUT = 120.0
+#: What ``put_tar`` accepts: raw bytes, a binary file object, or an iterable of chunks.
+TarSource = bytes | IO[bytes] | Iterable[bytes]
+StdinSource = bytes | IO[bytes] | Iterable[bytes] | None
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """The outcome of a guest command: ``exit_code``, ``output`` (stdout bytes), ``stderr``."""
+
+    exit_code: int
+    output: bytes
+    stderr: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def check(self, what: str) -> ExecResult:
+        """Return self, or raise :class:`GuestCommandFailed` when the exit code is not 0."""
+        if self.exit_code != 0:
+            raise GuestCommandFailed(
+                f"{what} failed with exit code {self.exit_code}: "
+                f"{self.stderr.decode(errors='replace').strip()[-2000:] or '(no stderr)'}",
+                self.exit_code,
+                self.output,
+                self.stderr,
+            )
+        return self
+
+
+@runtime_checkable
+class Guest(Protocol):
+    """A machine a workspace can live in.
+
+    ``kind`` is ``local``, ``ssh`` or ``container``; ``default_workspace_path`` the path a
+    workspace goes to when none is given; ``workspace_lock`` serialises workspace operations
+    on this guest (never taken by ``close()``).
+    """
+
+    kind: str
+    workspace_lock: threading.Lock
+
+    @property
+    def default_workspace_path(self) -> str: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult: ...
+
+    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None: ...
+
+    def read_file(self, path: str) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+def script_argv(script: str, *args: str) -> list[str]:
+    """argv running a fixed POSIX sh script with ``args`` as ``$1..$n`` (never interpolated)."""
+    return ["sh", "-c", script, "psb", *args]
+
+
+def iter_chunks(source: TarSource | None) -> Iterator[bytes]:
+    """Turn bytes, a file object or an iterable of chunks into an iterator of chunks."""
+    if source is None:
+        return
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield bytes(source)
+        return
+    read = getattr(source, "read", None)
+    if callable(read):
+        while True:
+            data = read(CHUNK)
+            if not data:
+                return
+            yield data
+    else:
+        yield from source
+
+
+_PUT_TAR = 'mkdir -p -- "$1" && exec tar -x -f - -C "$1"'
+
+
+# --- guests that run commands as local processes (LocalGuest, SSHGuest) -------------------
+
+
+class _ProcessGuest:
+    """Shared machinery: run an argv as a local child process, abort everything on close."""
+
+    kind = "process"
+
+    def __init__(self) -> None:
+        self.workspace_lock = threading.Lock()
+        self._active: set[subprocess.Popen[bytes]] = set()
+        self._state_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._tracked: Tracked = Tracked.untracked()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise GuestClosed(f"{self!r} was closed; create a new guest to run commands")
+
+    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+        raise NotImplementedError
+
+    def _popen_env(self) -> dict[str, str] | None:
+        return None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest; stdin streamed from bytes/file/chunks; never raises on a
+        non-zero exit (use ``.check()``), raises :class:`GuestTimeout` / :class:`GuestClosed`."""
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
+        self._check_open()
+        command = self._command(argv, env)
+        with self._state_lock:
+            self._check_open()
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=self._popen_env(),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise GuestError(
+                    f"{self!r}: cannot start {command[0]!r}: {exc}. Check that it is installed."
+                ) from exc
+            self._active.add(proc)
+        try:
+            return self._communicate(proc, stdin, timeout, argv)
+        finally:
+            with self._state_lock:
+                self._active.discard(proc)
+
+    def _communicate(
+        self,
+        proc: subprocess.Popen[bytes],
+        stdin: StdinSource,
+        timeout: float,
+        argv: Sequence[str],
+    ) -> ExecResult:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        writer_error: list[BaseException] = []
+
+        def drain(pipe: IO[bytes], sink: list[bytes]) -> None:
+            with contextlib.suppress(OSError, ValueError):
+                while data := pipe.read1(CHUNK):  # type: ignore[attr-defined]
+                    sink.append(data)
+
+        def feed() -> None:
+            assert proc.stdin is not None
+            try:
+                for chunk in iter_chunks(stdin):
+                    self._check_open()
+                    proc.stdin.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the command stopped reading; its exit code tells the story
+            except BaseException as exc:
+                writer_error.append(exc)
+                _kill(proc)
+            finally:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        threads = [
+            threading.Thread(target=drain, args=(proc.stdout, out), daemon=True),
+            threading.Thread(target=drain, args=(proc.stderr, err), daemon=True),
+        ]
+        if stdin is not None:
+            threads.append(threading.Thread(target=feed, daemon=True))
+        for thread in threads:
+            thread.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            proc.wait()
+            raise GuestTimeout(
+                f"{self!r}: `{shlex.join(argv)[:200]}` ran past its {timeout:g}s timeout and "
+                "was killed. Raise timeout= or check what the command waits for."
+            ) from None
+        finally:
+            for thread in threads:
+                thread.join(timeout=10)
+            for pipe in (proc.stdout, proc.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        if self._closed.is_set():
+            raise GuestClosed(f"{self!r} was closed while `{shlex.join(argv)[:120]}` was running")
+        if writer_error:
+            raise writer_error[0]
+        return ExecResult(code, b"".join(out), b"".join(err))
+
+    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
+        """Unpack a tar stream at ``path`` (created if missing) with the guest's own ``tar``."""
+        self.run(script_argv(_PUT_TAR, path), stdin=stream, timeout=timeout).check(
+            f"{self!r}: unpacking a tar stream into {path}"
+        )
+
+    def read_file(self, path: str) -> bytes:
+        return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
+
+    def _abort_active(self) -> None:
+        with self._state_lock:
+            self._closed.set()
+            active = list(self._active)
+        for proc in active:
+            _kill(proc)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # type: ignore[attr-defined]
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child's session. Safe: an unreaped child's pid cannot have been recycled."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _kill_by_token(token: str) -> None:
+    import psutil
+
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(TOKEN_ENV) == token:
+                proc.kill()
+
+
+# --- LocalGuest ---------------------------------------------------------------------------
+
+_MARKER = ".psb-guest"
+_NS_WRAP = (
+    'if [ "$PSB_TMPFS" = 1 ]; then mount -t tmpfs -o mode=1777,size=256m psb-tmp /tmp; '
+    'else mount --bind "$PSB_ROOT/tmp" /tmp; fi || exit 125; exec "$@"'
+)
+_ns_support: dict[str, bool] = {}
+
+
+def namespaces_available() -> bool:
+    """Whether ``unshare`` can give a command a fresh mount namespace here (cached)."""
+    if "mount" not in _ns_support:
+        argv = [*_unshare_prefix(), "true"]
+        try:
+            ok = subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        _ns_support["mount"] = ok
+    return _ns_support["mount"]
+
+
+def _unshare_prefix() -> list[str]:
+    prefix = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        prefix[1:1] = ["--user", "--map-root-user"]
+    return prefix
+
+
+class LocalGuest(_ProcessGuest):
+    """A private directory on this machine, commands run in their own session.
+
+    Where ``unshare`` works, every command also runs in a fresh mount namespace (a user
+    namespace too when not root) whose ``/tmp`` is the guest's own ``<root>/tmp`` — or a fresh
+    tmpfs with ``tmpfs_tmp=True``. Commands get a small environment: ``PATH``, ``HOME`` (the
+    guest's ``<root>/home``), ``LANG``. The workspace path defaults to ``<root>/repo``.
+    """
+
+    kind = "local"
+
+    def __init__(
+        self,
+        *,
+        base_dir: Path | str | None = None,
+        tracker: ResourceTracker | None = None,
+        namespaces: bool | None = None,
+        tmpfs_tmp: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tmpfs_tmp = tmpfs_tmp
+        self._tracked = track(
+            tracker, "guest", "local guest (creating)", releaser=LOCAL_RELEASER, details={}
+        )
+        try:
+            use_ns = namespaces_available() if namespaces is None else namespaces
+            self.namespaces = use_ns
+            # /tmp is replaced inside the namespace, so the guest root must live elsewhere
+            base = Path(base_dir) if base_dir is not None else Path("/var/tmp")
+            if use_ns and _under(base.resolve(), Path("/tmp").resolve()):
+                base = Path("/var/tmp")
+            base.mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix="psb-guest-", dir=base))
+            (self.root / _MARKER).write_text(self._tracked.token)
+            self._tracked.update(key=f"local guest {self.root}", path=str(self.root))
+            for sub in ("home", "tmp"):
+                (self.root / sub).mkdir()
+            (self.root / "tmp").chmod(0o1777)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def default_workspace_path(self) -> str:
+        return str(self.root / "repo")
+
+    def _popen_env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(self.root / "home"),
+            "LANG": "C.UTF-8",
+            "PSB_ROOT": str(self.root),
+            "PSB_TMPFS": "1" if self.tmpfs_tmp else "0",
+            TOKEN_ENV: self._tracked.token,
+        }
+
+    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+        command = list(argv)
+        if env:
+            command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
+        if self.namespaces:
+            command = [*_unshare_prefix(), "sh", "-c", _NS_WRAP, "psb-guest", *command]
+        return command
+
+    def close(self) -> None:
+        """Abort commands in flight, kill strays, remove the directory. Idempotent."""
+        self._abort_active()
+        release_local_guest({"path": str(getattr(self, "root", "")), "token": self._tracked.token})
+        self._tracked.released()
+
+    def keep(self) -> None:
+        self._tracked.kept()
+
+    def __repr__(self) -> str:
+        return f"<LocalGuest {getattr(self, 'root', '?')}>"
+
+
+def _under(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def release_local_guest(details: Mapping[str, Any]) -> None:
+    """Ledger releaser for local guests: kill commands carrying the token, remove the dir.
+
+    The directory is removed only when its marker file holds this guest's token, so a path
+    reused by someone else is never touched.
+    """
+    token = str(details.get("token") or "")
+    if token:
+        _kill_by_token(token)
+    path = details.get("path")
+    if not path:
+        return
+    root = Path(str(path))
+    try:
+        if (root / _MARKER).read_text() != token:
+            return
+    except OSError:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+
+
+LOCAL_RELEASER = f"{__name__}:release_local_guest"
+
+
+# --- SSHGuest -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """How to reach an SSH host: address, user, key and the known_hosts that pins its key."""
+
+    host: str
+    port: int
+    user: str
+    key_path: Path
+    known_hosts: Path
+    extra_options: tuple[str, ...] = field(default=())
+
+    def options(self) -> list[str]:
+        return [
+            "-F", "none",
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "ConnectTimeout=10",
+            "-o", "ServerAliveInterval=5",
+            "-o", "ServerAliveCountMax=6",
+            "-o", "LogLevel=ERROR",
+            "-i", str(self.key_path),
+            "-p", str(self.port),
+            "-l", self.user,
+            *self.extra_options,
+        ]  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "key_path": str(self.key_path),
+            "known_hosts": str(self.known_hosts),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SSHTarget:
+        return cls(
+            host=str(data["host"]),
+            port=int(data["port"]),
+            user=str(data["user"]),
+            key_path=Path(str(data["key_path"])),
+            known_hosts=Path(str(data["known_hosts"])),
+        )
+
+
+_SSH_SCRATCH = (
+    'd="$1"; [ -n "$d" ] || d="$HOME/.cache/pytest-sandbox/guests"; d="$d/$2"; '
+    'mkdir -p -- "$d" && printf %s "$d" > "$d/.psb-guest" && printf %s "$d"'
+)
+_SSH_CLEAN = '[ -f "$1/.psb-guest" ] && [ "$(cat "$1/.psb-guest")" = "$1" ] && rm -rf -- "$1"; :'
+
+
+class SSHGuest(_ProcessGuest):
+    """A host reached with OpenSSH (``ssh`` client, BatchMode, its own known_hosts).
+
+    One master connection (``ControlMaster``, socket in ``socket_dir``) is opened at start and
+    every command reuses it. The guest owns a scratch dir on the host (under ``scratch_root``,
+    default ``$HOME/.cache/pytest-sandbox/guests``), removed at close; the workspace path
+    defaults to ``<scratch>/repo`` because an SSH host may be a shared machine.
+    """
+
+    kind = "ssh"
+
+    def __init__(
+        self,
+        target: SSHTarget,
+        *,
+        socket_dir: Path | str | None = None,
+        scratch_root: str | None = None,
+        tracker: ResourceTracker | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        from pytest_sandbox.runtime.processes import TrackedProcess
+
+        self.target = target
+        self._own_dir: Path | None = None
+        if socket_dir is None or log_dir is None:
+            self._own_dir = Path(tempfile.mkdtemp(prefix="psb-ssh-"))
+        socket_dir = socket_dir or self._own_dir
+        assert socket_dir is not None
+        self.control_path = Path(socket_dir) / f"ssh-{os.urandom(6).hex()}.sock"
+        self._tracked = track(
+            tracker,
+            "guest",
+            f"ssh guest {target.user}@{target.host}:{target.port} (creating)",
+            releaser=SSH_RELEASER,
+            details=target.to_dict(),
+        )
+        self.scratch = ""
+        log_path = (log_dir or self._own_dir or Path(".")) / f"ssh-master-{os.urandom(4).hex()}.log"
+        self._master = TrackedProcess(
+            [
+                "ssh", *target.options(), "-M", "-N",
+                "-o", f"ControlPath={self.control_path}", "-o", "ControlPersist=no",
+                target.host,
+            ],
+            log_path=log_path,
+            ready=lambda: self.control_path.exists(),
+            timeout=30.0,
+            grace=1.0,
+            tracker=tracker,
+            name="ssh-master",
+        )  # fmt: skip
+        try:
+            self._master.start()
+            result = self.run(script_argv(_SSH_SCRATCH, scratch_root or "", self._tracked.token))
+            self.scratch = result.check(f"{self!r}: creating the scratch dir").output.decode()
+            self._tracked.update(
+                key=f"ssh guest {target.user}@{target.host}:{target.port} {self.scratch}",
+                scratch=self.scratch,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def default_workspace_path(self) -> str:
+        return f"{self.scratch}/repo"
+
+    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+        command = list(argv)
+        if env:
+            command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
+        return [
+            "ssh", *self.target.options(),
+            "-o", f"ControlPath={self.control_path}", "-o", "ControlMaster=no",
+            "-T", self.target.host, "--", shlex.join(command),
+        ]  # fmt: skip
+
+    def close(self) -> None:
+        """Abort commands in flight, remove the scratch dir, stop the master. Idempotent."""
+        self._abort_active()
+        if self.scratch and not self._released:
+            details = {**self.target.to_dict(), "scratch": self.scratch}
+            release_ssh_guest({**details, "control": str(self.control_path)})
+        self._released = True
+        if hasattr(self, "_master"):
+            self._master.stop()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+        self._tracked.released()
+
+    _released = False
+
+    def keep(self) -> None:
+        self._tracked.kept()
+        self._master.keep()
+
+    def __repr__(self) -> str:
+        t = self.target
+        return f"<SSHGuest {t.user}@{t.host}:{t.port} {self.scratch or '(no scratch)'}>"
+
+
+def release_ssh_guest(details: Mapping[str, Any]) -> None:
+    """Ledger releaser for SSH guests: remove the scratch dir (only if its marker names it).
+
+    A host that no longer answers counts as released (its own teardown removes its files).
+    """
+    scratch = details.get("scratch")
+    if not scratch:
+        return
+    target = SSHTarget.from_dict(details)
+    control = details.get("control")
+    argv = ["ssh", *target.options(), "-o", "ConnectTimeout=3"]
+    if control and Path(str(control)).exists():
+        argv += ["-o", f"ControlPath={control}", "-o", "ControlMaster=no"]
+    argv += ["-T", target.host, "--", shlex.join(script_argv(_SSH_CLEAN, str(scratch)))]
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=15, check=False)
+
+
+SSH_RELEASER = f"{__name__}:release_ssh_guest"
+
+
+# --- ContainerGuest -----------------------------------------------------------------------
+
+
+class ContainerGuest:
+    """A container of the ``debian-git`` image (or ``image``), driven through the engine API.
+
+    Created through :meth:`Engine.create_container` (labelled, ledger row first), started
+    with ``sleep infinity`` under ``--init``; networking is off unless ``network=True``;
+    ``tmpfs_tmp=True`` mounts a tmpfs on ``/tmp``. Commands are ``exec``s with stdin streamed
+    over the hijacked connection; ``put_tar`` is the archive API (``put_archive``), streamed.
+    ``close()`` removes the container (force), which aborts anything in flight.
+    """
+
+    kind = "container"
+
+    def __init__(
+        self,
+        engine: Any,
+        image: str,
+        *,
+        tracker: ResourceTracker | None = None,
+        nodeid: str = "",
+        network: bool = False,
+        tmpfs_tmp: bool = False,
+        workspace_path: str = "/root/repo",
+    ) -> None:
+        self.engine = engine
+        self.image = image
+        self.workspace_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._workspace_path = workspace_path
+        self._sockets: set[Any] = set()
+        self._state_lock = threading.Lock()
+        options: dict[str, Any] = {
+            "command": ["sleep", "infinity"],
+            "init": True,
+            "network_disabled": not network,
+            "working_dir": "/root",
+            "environment": {"LANG": "C.UTF-8", "HOME": "/root"},
+        }
+        if tmpfs_tmp:
+            options["tmpfs"] = {"/tmp": "rw,mode=1777,size=256m"}
+        container, self._tracked = engine.create_container(
+            image, tracker=tracker, nodeid=nodeid, **options
+        )
+        self.id: str = container.id
+        self.name: str = container.name
+        try:
+            engine.client.api.start(self.id)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def default_workspace_path(self) -> str:
+        return self._workspace_path
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def _api_error(self, exc: BaseException, what: str) -> GuestError:
+        if self._closed.is_set():
+            return GuestClosed(f"{self!r} was removed while {what}")
+        return GuestError(f"{self!r}: {what} failed: {exc}. Check `docker logs {self.name}`.")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """``docker exec`` of ``argv``; stdin streamed; never raises on a non-zero exit."""
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
+        if self._closed.is_set():
+            raise GuestClosed(f"{self!r} was closed")
+        api = self.engine.client.api
+        what = f"running `{shlex.join(argv)[:120]}`"
+        try:
+            exec_id = api.exec_create(
+                self.id,
+                list(argv),
+                stdin=stdin is not None,
+                stdout=True,
+                stderr=True,
+                environment=dict(env) if env else None,
+            )["Id"]
+            sock = api.exec_start(exec_id, socket=True)
+        except Exception as exc:
+            raise self._api_error(exc, what) from exc
+        raw = getattr(sock, "_sock", sock)
+        with self._state_lock:
+            self._sockets.add(raw)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        failure: list[BaseException] = []
+
+        def feed() -> None:
+            try:
+                for chunk in iter_chunks(stdin):
+                    if self._closed.is_set():
+                        raise GuestClosed(f"{self!r} was closed while {what}")
+                    raw.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except BaseException as exc:
+                failure.append(exc)
+                with contextlib.suppress(OSError):
+                    raw.shutdown(2)  # SHUT_RDWR: abort the exec's streams
+                return
+            with contextlib.suppress(OSError):
+                raw.shutdown(1)  # SHUT_WR: the command sees end of input
+
+        def read() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                while True:
+                    header = _recv_exact(raw, 8)
+                    if len(header) < 8:
+                        return
+                    size = int.from_bytes(header[4:8], "big")
+                    data = _recv_exact(raw, size)
+                    (err if header[0] == 2 else out).append(data)
+
+        threads = [threading.Thread(target=read, daemon=True)]
+        if stdin is not None:
+            threads.append(threading.Thread(target=feed, daemon=True))
+        for thread in threads:
+            thread.start()
+        try:
+            threads[0].join(timeout)
+            if threads[0].is_alive():
+                with contextlib.suppress(OSError):
+                    raw.shutdown(2)
+                raise GuestTimeout(
+                    f"{self!r}: {what} ran past its {timeout:g}s timeout; its streams were "
+                    "closed (the process is removed with the container). Raise timeout=."
+                )
+            for thread in threads[1:]:
+                thread.join(10)
+        finally:
+            with self._state_lock:
+                self._sockets.discard(raw)
+            with contextlib.suppress(OSError):
+                sock.close()
+        if self._closed.is_set():
+            raise GuestClosed(f"{self!r} was removed while {what}")
+        if failure:
+            raise failure[0]
+        try:
+            code = api.exec_inspect(exec_id).get("ExitCode")
+        except Exception as exc:
+            raise self._api_error(exc, what) from exc
+        return ExecResult(-1 if code is None else int(code), b"".join(out), b"".join(err))
+
+    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
+        """Unpack a tar stream at ``path`` with the archive API (``path`` created if missing)."""
+        api = self.engine.client.api
+
+        def chunks() -> Iterator[bytes]:
+            for chunk in iter_chunks(stream):
+                if self._closed.is_set():
+                    raise GuestClosed(f"{self!r} was removed while a tar stream was sent")
+                yield chunk
+
+        self.run(["mkdir", "-p", "--", path], timeout=timeout).check(f"{self!r}: mkdir {path}")
+        try:
+            ok = api.put_archive(self.id, path, chunks())
+        except GuestClosed:
+            raise
+        except Exception as exc:
+            raise self._api_error(exc, f"unpacking a tar stream into {path}") from exc
+        if not ok:
+            raise GuestError(f"{self!r}: the engine refused the tar stream for {path}")
+
+    def read_file(self, path: str) -> bytes:
+        return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
+
+    def close(self) -> None:
+        """Remove the container (force): in-flight execs and tar streams fail. Idempotent."""
+        self._closed.set()
+        with self._state_lock:
+            sockets = list(self._sockets)
+        for raw in sockets:
+            with contextlib.suppress(OSError):
+                raw.shutdown(2)
+        from pytest_sandbox.containers.engine import release_docker_object
+
+        release_docker_object(
+            {"type": "container", "name": self.name, "id": self.id, "engine": self.engine.endpoint}
+        )
+        self._tracked.released()
+
+    def keep(self) -> None:
+        self.engine.mark_kept(self.id)
+        self._tracked.kept()
+
+    def __enter__(self) -> ContainerGuest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ContainerGuest {getattr(self, 'name', '?')} image={self.image}>"
+
+
+def _recv_exact(sock: Any, size: int) -> bytes:
+    parts = []
+    while size > 0:
+        data = sock.recv(min(size, CHUNK))
+        if not data:
+            break
+        parts.append(data)
+        size -= len(data)
+    return b"".join(parts)
+
+
+def stop_quietly(close: Callable[[], None]) -> None:
+    """Call ``close`` and swallow GuestError (for teardown paths that must not mask errors)."""
+    with contextlib.suppress(GuestError):
+        close()

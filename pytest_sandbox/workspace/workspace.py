@@ -1,0 +1,465 @@
+"""Prepare a host git repository inside a guest; export the guest's changes as a binary patch.
+
+Prepare (:func:`prepare_workspace`):
+
+1. plan on the host (``repo.plan_workspace``): every refusal happens here, before guest I/O;
+2. build the payload on the host: a git bundle of the history (``clone``), a pack of the base
+   commit alone (``shallow``) or nothing (``full_copy``), in a ledger-tracked staging dir;
+3. stream one tar into a fresh staging dir beside the guest path (``tree/`` = the files,
+   plus the bundle or pack), with the guest's workspace lock held;
+4. one script in the guest: refuse a non-empty guest path, move ``tree/`` into place, ``git
+   init`` + fetch the bundle (or index the pack and mark the commit shallow), point HEAD/branch
+   at the base, set the index to the base tree without touching the files (``git reset``),
+   carry the git identity over, remove the staging dir.
+
+Export (:meth:`PreparedWorkspace.export`): a throwaway index *and* object dir inside the guest's
+git dir (``GIT_INDEX_FILE``, ``GIT_OBJECT_DIRECTORY`` + the real objects as alternates), ``git
+add -A`` there, ``git diff --cached --binary`` against the recorded base. The real index, refs,
+HEAD, object store and ``git status`` are untouched; nothing is written to ``/tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_sandbox.errors import (
+    GuestClosed,
+    GuestCommandFailed,
+    GuestPathInUse,
+    InvalidWorkspaceArgument,
+)
+from pytest_sandbox.runtime.ledger import ResourceTracker, track
+from pytest_sandbox.workspace.guests import Guest, script_argv
+from pytest_sandbox.workspace.repo import WorkspacePlan, git, git_env, plan_workspace
+
+CHUNK = 1 << 20
+_MARKER = ".psb-staging"
+#: Exit code of the prepare script when the guest path exists and is not empty.
+_IN_USE = 3
+
+_PREPARE = r"""
+set -eu
+stage=$1 dest=$2 mode=$3 base=$4 branch=$5 populate=$6 uname=$7 uemail=$8
+trap 'rm -rf -- "$stage"' EXIT
+if [ -e "$dest" ] || [ -L "$dest" ]; then
+    if [ ! -d "$dest" ] || [ -n "$(ls -A -- "$dest")" ]; then
+        echo "guest path $dest exists and is not empty" >&2; exit 3
+    fi
+    rmdir -- "$dest"
+fi
+mv -- "$stage/tree" "$dest"
+cd -- "$dest"
+if [ "$mode" = full_copy ]; then
+    if [ "$populate" = 1 ]; then
+        git -c advice.detachedHead=false checkout -q -f -B "$branch" "$base"
+    elif [ -n "$branch" ]; then
+        git checkout -q -B "$branch"
+    fi
+    git update-index -q --refresh >/dev/null || :
+else
+    git init -q .
+    if [ "$mode" = clone ]; then
+        git fetch -q --update-head-ok "$stage/repo.bundle" \
+            '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*'
+    else
+        git index-pack --stdin <"$stage/base.pack" >/dev/null
+        printf '%s\n' "$base" >.git/shallow
+    fi
+    git cat-file -e "$base^{commit}"
+    if [ -n "$branch" ]; then
+        git update-ref "refs/heads/$branch" "$base"
+        git symbolic-ref HEAD "refs/heads/$branch"
+    else
+        git update-ref --no-deref HEAD "$base"
+    fi
+    if [ "$populate" = 1 ]; then git reset -q --hard; else git reset -q; fi
+    rm -f .git/FETCH_HEAD .git/ORIG_HEAD
+fi
+if [ -n "$uname" ]; then git config user.name "$uname"; fi
+if [ -n "$uemail" ]; then git config user.email "$uemail"; fi
+git rev-parse HEAD
+"""
+
+_EXPORT = r"""
+set -eu
+cd -- "$1"
+base=$2
+gitdir=$(git rev-parse --absolute-git-dir)
+tmp="$gitdir/psb-export-$3"
+mkdir -- "$tmp" "$tmp/objects"
+trap 'rm -rf -- "$tmp"' EXIT
+if [ -f "$gitdir/index" ]; then cp -- "$gitdir/index" "$tmp/index"; fi
+GIT_INDEX_FILE="$tmp/index"
+GIT_OBJECT_DIRECTORY="$tmp/objects"
+GIT_ALTERNATE_OBJECT_DIRECTORIES="$gitdir/objects"
+export GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
+git -c gc.auto=0 -c core.fsmonitor=false add -A
+git diff --cached -z -M --name-status --no-ext-diff "$base" >"$tmp/names"
+wc -c <"$tmp/names"
+cat -- "$tmp/names"
+git diff --cached -M --binary --full-index --no-color --no-ext-diff --no-textconv "$base"
+"""
+
+_DIFF_ONLY = ["git", "diff", "--binary", "--full-index"]
+
+
+@dataclass(frozen=True)
+class WorkspaceExport:
+    """The guest's changes against the base: ``patch`` (``git apply --index``-able, binary
+    included), ``changed_files`` (sorted paths touched, both sides of a rename), ``statuses``
+    (``(status, path)`` as ``git diff --name-status``), ``base_commit``, ``has_changes``."""
+
+    patch: bytes
+    changed_files: tuple[str, ...]
+    base_commit: str
+    statuses: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def has_changes(self) -> bool:
+        return bool(self.patch)
+
+
+@dataclass
+class PreparedWorkspace:
+    """A repository prepared in a guest; ``export()`` returns its changes as a patch.
+
+    Records the host repo (``repo_root``, ``repo_name``, ``head_commit``, ``current_branch``),
+    what was asked (``mode``, ``branch``, ``from_ref``), the result (``base_commit``,
+    ``guest_path``, ``files``) and when (``prepared_at``, seconds since the epoch).
+    """
+
+    guest: Guest
+    guest_path: str
+    base_commit: str
+    mode: str
+    repo_root: Path
+    repo_name: str
+    head_commit: str
+    current_branch: str | None
+    branch: str | None
+    from_ref: str | None
+    files: tuple[str, ...]
+    prepared_at: float = field(default_factory=time.time)
+
+    def run(self, argv: list[str], **kwargs: Any) -> Any:
+        """Run ``argv`` in the guest with the workspace as working directory."""
+        return self.guest.run(
+            script_argv('cd -- "$1" && shift && exec "$@"', self.guest_path, *argv), **kwargs
+        )
+
+    def export(self, *, timeout: float = 300.0) -> WorkspaceExport:
+        """Diff the guest's working tree (commits included) against ``base_commit``."""
+        with workspace_lock(self.guest):
+            result = self.guest.run(
+                script_argv(_EXPORT, self.guest_path, self.base_commit, secrets.token_hex(6)),
+                timeout=timeout,
+            ).check(f"exporting the workspace {self.guest_path} from {self.guest!r}")
+        return _parse_export(result.output, self.base_commit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "guest": getattr(self.guest, "kind", "?"),
+            "guest_path": self.guest_path,
+            "base_commit": self.base_commit,
+            "mode": self.mode,
+            "repo_root": str(self.repo_root),
+            "repo_name": self.repo_name,
+            "head_commit": self.head_commit,
+            "current_branch": self.current_branch,
+            "branch": self.branch,
+            "from_ref": self.from_ref,
+            "prepared_at": self.prepared_at,
+        }
+
+
+def _parse_export(output: bytes, base: str) -> WorkspaceExport:
+    first, _, rest = output.partition(b"\n")
+    size = int(first.strip())
+    names, patch = rest[:size], rest[size:]
+    fields = [os.fsdecode(f) for f in names.split(b"\0")]
+    if fields and fields[-1] == "":
+        fields.pop()
+    statuses: list[tuple[str, str]] = []
+    changed: set[str] = set()
+    i = 0
+    while i < len(fields):
+        status = fields[i]
+        count = 2 if status[:1] in ("R", "C") else 1
+        paths = fields[i + 1 : i + 1 + count]
+        for path in paths:
+            statuses.append((status, path))
+            changed.add(path)
+        i += 1 + count
+    return WorkspaceExport(patch, tuple(sorted(changed)), base, tuple(statuses))
+
+
+@contextlib.contextmanager
+def workspace_lock(guest: Guest) -> Iterator[None]:
+    """Hold the guest's workspace lock; give up with GuestClosed when the guest closes."""
+    while not guest.workspace_lock.acquire(timeout=0.05):
+        if guest.closed:
+            raise GuestClosed(f"{guest!r} was closed while waiting for its workspace lock")
+    try:
+        if guest.closed:
+            raise GuestClosed(f"{guest!r} is closed")
+        yield
+    finally:
+        guest.workspace_lock.release()
+
+
+# --- the tar stream -----------------------------------------------------------------------
+
+
+def _info(arcname: str, st: os.stat_result | None, path: Path | None) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(arcname)
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    if st is None:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        info.mtime = int(time.time())
+        return info
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.mtime = int(st.st_mtime)
+    if stat.S_ISLNK(st.st_mode):
+        assert path is not None
+        info.type = tarfile.SYMTYPE
+        info.linkname = os.readlink(path)  # the link itself, never what it points to
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+    else:
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+    return info
+
+
+def tar_entries(
+    entries: Iterable[tuple[str, Path | None]],
+    *,
+    check: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[bytes]:
+    """A tar stream of ``(member name, host path)`` entries (``None`` = an empty directory).
+
+    Symlinks are stored as links; regular files are read in 1 MiB chunks, so memory stays
+    flat whatever the file sizes. ``check`` runs before every chunk (it raises to abort);
+    ``progress`` gets the size of every chunk produced.
+    """
+
+    def emit(data: bytes) -> bytes:
+        if check is not None:
+            check()
+        if progress is not None:
+            progress(len(data))
+        return data
+
+    for arcname, path in entries:
+        st = os.lstat(path) if path is not None else None
+        if st is not None and not (
+            stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        ):
+            continue  # sockets, FIFOs, devices never go into a workspace
+        info = _info(arcname, st, path)
+        yield emit(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if info.isreg() and info.size:
+            assert path is not None
+            remaining = info.size
+            with open(path, "rb") as handle:
+                while remaining > 0:
+                    data = handle.read(min(CHUNK, remaining)) or b"\0" * min(CHUNK, remaining)
+                    remaining -= len(data)
+                    yield emit(data)
+            rest = info.size % tarfile.BLOCKSIZE
+            if rest:
+                yield emit(b"\0" * (tarfile.BLOCKSIZE - rest))
+    yield emit(b"\0" * (2 * tarfile.BLOCKSIZE))
+
+
+# --- host staging -------------------------------------------------------------------------
+
+
+class _Staging:
+    """A host temp dir for the bundle/pack, recorded in the ledger until removed."""
+
+    def __init__(self, base_dir: Path | None, tracker: ResourceTracker | None) -> None:
+        self._tracked = track(tracker, "workspace-staging", "staging (creating)", releaser=RELEASER)
+        if base_dir is not None:
+            base_dir.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix="psb-ws-", dir=base_dir))
+        (self.path / _MARKER).write_text(self._tracked.token)
+        self._tracked.update(key=f"workspace staging {self.path}", path=str(self.path))
+
+    def close(self) -> None:
+        release_staging({"path": str(self.path), "token": self._tracked.token})
+        self._tracked.released()
+
+
+def release_staging(details: Mapping[str, Any]) -> None:
+    """Ledger releaser for host staging dirs: remove the dir if its marker holds the token."""
+    path = details.get("path")
+    if not path:
+        return
+    root = Path(str(path))
+    try:
+        if (root / _MARKER).read_text() != str(details.get("token")):
+            return
+    except OSError:
+        return
+    shutil.rmtree(root, ignore_errors=True)
+
+
+RELEASER = f"{__name__}:release_staging"
+
+
+def _payload(plan: WorkspacePlan, staging: Path) -> tuple[str, Path] | None:
+    root = plan.repo.root
+    if plan.mode == "clone":
+        bundle = staging / "repo.bundle"
+        revs = ["--branches", "--tags", "HEAD"]
+        if plan.base_commit != plan.repo.head_commit:
+            revs.append(plan.base_commit)
+        git(root, "bundle", "create", "-q", str(bundle), *revs)
+        return "repo.bundle", bundle
+    if plan.mode == "shallow":
+        pack = staging / "base.pack"
+        objects = git(root, "rev-list", "--objects", "-n", "1", plan.base_commit)
+        with open(pack, "wb") as out:
+            done = subprocess.run(
+                ["git", "-C", str(root), "pack-objects", "-q", "--stdout"],
+                input=objects,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                env=git_env(),
+                check=False,
+            )
+        if done.returncode != 0:
+            git(root, "pack-objects", "--stdout", input=objects)  # raises with stderr
+        return "base.pack", pack
+    return None
+
+
+def _check_guest_path(guest_path: str) -> str:
+    if not guest_path.startswith("/") or "\n" in guest_path or "\0" in guest_path:
+        raise InvalidWorkspaceArgument(
+            f"guest_path={guest_path!r} must be an absolute path without newlines. "
+            "Pass e.g. '/root/repo'."
+        )
+    stripped = guest_path.rstrip("/")
+    if not stripped or os.path.dirname(stripped) == stripped:
+        raise InvalidWorkspaceArgument(
+            f"guest_path={guest_path!r} cannot be the root directory. Pass e.g. '/root/repo'."
+        )
+    return stripped
+
+
+def prepare_workspace(
+    repo: Path | str,
+    guest: Guest | None = None,
+    *,
+    mode: str = "clone",
+    branch: str | None = None,
+    from_ref: str | None = None,
+    include_untracked: bool = False,
+    guest_path: str | None = None,
+    dry_run: bool = False,
+    tracker: ResourceTracker | None = None,
+    staging_dir: Path | None = None,
+    timeout: float = 600.0,
+    progress: Callable[[int], None] | None = None,
+) -> PreparedWorkspace | WorkspacePlan:
+    """Prepare ``repo`` in ``guest``; with ``dry_run=True`` return the plan, touching no guest.
+
+    Refusals (:class:`~pytest_sandbox.errors.WorkspaceRefused` subclasses) come before any
+    guest I/O, except :class:`~pytest_sandbox.errors.GuestPathInUse` (the guest path exists
+    and is not empty; nothing in it is changed).
+    """
+    plan = plan_workspace(
+        repo, mode=mode, branch=branch, from_ref=from_ref, include_untracked=include_untracked
+    )
+    if dry_run:
+        return plan
+    if guest is None:
+        raise InvalidWorkspaceArgument("prepare_workspace needs a guest unless dry_run=True")
+    dest = _check_guest_path(guest_path or guest.default_workspace_path)
+    info = plan.repo
+    # the branch the guest ends on: the one asked for, else the host's (unless from_ref)
+    target_branch = branch or (info.current_branch if from_ref is None else None) or ""
+    stage = f"{os.path.dirname(dest)}/.psb-prepare-{secrets.token_hex(6)}"
+    staging = _Staging(staging_dir, tracker)
+    try:
+        payload = _payload(plan, staging.path)
+        entries: list[tuple[str, Path | None]] = [("tree", None)]
+        if plan.overlay:
+            entries += [(f"tree/{rel}", info.root / rel) for rel in plan.files]
+        if payload is not None:
+            entries.append(payload)
+
+        def check() -> None:
+            if guest.closed:
+                raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
+
+        with workspace_lock(guest):
+            guest.put_tar(
+                tar_entries(entries, check=check, progress=progress), stage, timeout=timeout
+            )
+            result = guest.run(
+                script_argv(
+                    _PREPARE,
+                    stage,
+                    dest,
+                    plan.mode,
+                    plan.base_commit,
+                    target_branch,
+                    "1" if not plan.overlay else "0",
+                    info.user_name or "",
+                    info.user_email or "",
+                ),
+                timeout=timeout,
+            )
+            if result.exit_code == _IN_USE:
+                raise GuestPathInUse(
+                    f"guest path {dest} in {guest!r} exists and is not empty; it was left as "
+                    "it was. Pass another guest_path= or empty it first."
+                )
+            result.check(f"preparing {info.root} as {dest} in {guest!r}")
+    finally:
+        staging.close()
+    head = result.output.decode().strip().splitlines()[-1] if result.output.strip() else ""
+    if head != plan.base_commit:
+        raise GuestCommandFailed(
+            f"after preparing {dest} in {guest!r}, HEAD is {head!r} instead of the base "
+            f"{plan.base_commit}. Check the guest's git version (>= 2.20 needed).",
+            result.exit_code,
+            result.output,
+            result.stderr,
+        )
+    return PreparedWorkspace(
+        guest=guest,
+        guest_path=dest,
+        base_commit=plan.base_commit,
+        mode=plan.mode,
+        repo_root=info.root,
+        repo_name=info.name,
+        head_commit=info.head_commit,
+        current_branch=info.current_branch,
+        branch=target_branch or None,
+        from_ref=from_ref,
+        files=plan.files,
+    )
+
+
+def direct_diff_argv(guest_path: str, base: str) -> list[str]:
+    """``git diff --binary <base>`` in the workspace: the baseline the export is measured by."""
+    return script_argv('cd -- "$1" && shift && exec "$@"', guest_path, *_DIFF_ONLY, base)
