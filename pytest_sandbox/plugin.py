@@ -367,6 +367,128 @@ def sandbox_sidecar(sandbox_run: RunContext) -> Iterator[Any]:
 # === containers fixtures ===
 
 
+@pytest.fixture(scope="session")
+def sandbox_docker(request: pytest.FixtureRequest, sandbox_run: RunContext) -> Iterator[Any]:
+    """The Docker ``Engine`` the docker CLI would use (DOCKER_HOST, context, default socket):
+    ``endpoint``, ``version``, ``is_local``, ``client``. Skips when no engine answers, fails
+    instead under ``--sandbox-docker=require``; ``--sandbox-docker=off`` skips."""
+    from pytest_sandbox.containers.engine import Engine
+    from pytest_sandbox.errors import DockerUnavailable
+
+    mode = _state(request.config).settings.docker
+    if mode == "off":
+        pytest.skip("Docker is off (--sandbox-docker=off)")
+    try:
+        engine = Engine(run=sandbox_run)
+    except DockerUnavailable as exc:
+        if mode == "require":
+            pytest.fail(f"--sandbox-docker=require: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def sandbox_image(sandbox_docker: Any, sandbox_run: RunContext) -> Callable[[str], str]:
+    """Factory ``(name) -> image id``. ``busybox`` (from the host's busybox-static) and
+    ``debian-git`` (debootstrap from the machine's apt sources, with git and openssh-server) are
+    built offline once per machine (content-addressed tag, cached across runs, built once under
+    xdist); any other name is used when present locally and pulled only if missing."""
+    from pytest_sandbox.containers.images import ImageBuilder
+
+    return ImageBuilder(sandbox_docker, sandbox_run.state_dir).get
+
+
+@pytest.fixture
+def sandbox_container(
+    request: pytest.FixtureRequest,
+    sandbox_docker: Any,
+    sandbox_image: Callable[[str], str],
+    sandbox_run: RunContext,
+    _sandbox_tracker: Tracker,
+    _sandbox_session_tracker: Tracker,
+) -> Iterator[Callable[..., Any]]:
+    """Factory ``(image, *, command=None, env=None, data_dir="/data", volume=True, ready=None,
+    shared=False, **options) -> SandboxContainer``, started and ready.
+
+    ``image``: ``busybox`` / ``debian-git`` (built offline) or any local image. ``ready``: a
+    log regex (str), a container port (int, probed over TCP from the host; publish it with
+    ``ports=[...]``), ``LogReady`` / ``Healthy`` / ``PortReady`` or a callable. Containers,
+    volumes and networks are labelled and in the ledger before they exist; they are removed at
+    teardown (kept under ``--sandbox-keep``), by the reaper if pytest dies, or by the next
+    session's sweep. ``shared=True`` gives one container per run across xdist workers.
+    """
+    from pytest_sandbox.containers.container import SandboxContainer
+    from pytest_sandbox.runtime.shared import SharedResource
+
+    settings = _effective_settings(request)
+    made: list[Any] = []
+    shared_used: list[SharedResource] = []
+
+    def factory(image: str, *, shared: bool = False, **options: Any) -> Any:
+        image_id = sandbox_image(image)
+        if not shared:
+            container = SandboxContainer(
+                sandbox_docker,
+                image_id,
+                tracker=_sandbox_tracker,
+                nodeid=request.node.nodeid,
+                keep_label=settings.keep == "always",
+                **options,
+            )
+            made.append(container)
+            return container.launch()
+        import hashlib
+        import json
+
+        spec = json.dumps([image, sorted((k, repr(v)) for k, v in options.items())])
+        name = "container-" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+        resource = SharedResource(sandbox_run, name)
+
+        def create() -> dict[str, str]:
+            container = SandboxContainer(
+                sandbox_docker,
+                image_id,
+                tracker=_sandbox_session_tracker,
+                shared=True,
+                **options,
+            ).launch()
+            return {"id": container.id}
+
+        value = resource.acquire(create)
+        shared_used.append(resource)
+        return SandboxContainer.attach(sandbox_docker, value["id"])
+
+    yield factory
+    for resource in shared_used:
+        # The controller removes shared containers at run end (their ledger rows are shared).
+        resource.release(lambda _value: None)
+    errors = []
+    for container in reversed(made):
+        try:
+            _finish(request, container.close, container.keep)
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise ExceptionGroup("removing containers failed", errors)
+
+
+@pytest.fixture
+def sandbox_data_store(
+    tmp_path_factory: pytest.TempPathFactory,
+    sandbox_docker: Any,
+    sandbox_container: Callable[..., Any],
+) -> Any:
+    """``DataStore`` on a fresh backups root: ``preserve(container, key)``,
+    ``restore(container, key)``, ``has_preserved(key)``, ``migrate_legacy(container, key)``,
+    ``recover_orphan(key)`` (recreates containers with ``sandbox_container``)."""
+    from pytest_sandbox.containers.snapshot import DataStore
+
+    return DataStore(
+        tmp_path_factory.mktemp("data-store"), engine=sandbox_docker, factory=sandbox_container
+    )
+
+
 # === workspace fixtures ===
 
 

@@ -244,9 +244,11 @@ class Engine:
         labels: Mapping[str, str] | None,
         name: str | None,
         details: Mapping[str, Any] | None = None,
+        extra_labels: Mapping[str, str] | None = None,
     ) -> tuple[str, Tracked, dict[str, str]]:
         name = name or self.new_name(kind)
         full = labels_for(self.run, nodeid=nodeid, shared=shared, extra=labels)  # may refuse
+        full.update(extra_labels or {})  # the plugin's own pytest-sandbox.* labels
         tracked = self._track(tracker, kind, name, shared=shared, details=details)
         full[L_TOKEN] = tracked.token
         return name, tracked, full
@@ -260,6 +262,7 @@ class Engine:
         shared: bool = False,
         labels: Mapping[str, str] | None = None,
         name: str | None = None,
+        extra_labels: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, Tracked]:
         """``client.containers.create(image, ...)`` with labels and a ledger row first.
@@ -268,7 +271,13 @@ class Engine:
         names the image. Returns (container, tracked).
         """
         name, tracked, full = self._labelled(
-            "container", tracker, nodeid=nodeid, shared=shared, labels=labels, name=name
+            "container",
+            tracker,
+            nodeid=nodeid,
+            shared=shared,
+            labels=labels,
+            name=name,
+            extra_labels=extra_labels,
         )
         try:
             container = self.client.containers.create(image, name=name, labels=full, **kwargs)
@@ -290,9 +299,16 @@ class Engine:
         shared: bool = False,
         labels: Mapping[str, str] | None = None,
         name: str | None = None,
+        extra_labels: Mapping[str, str] | None = None,
     ) -> tuple[Any, Tracked]:
         name, tracked, full = self._labelled(
-            "volume", tracker, nodeid=nodeid, shared=shared, labels=labels, name=name
+            "volume",
+            tracker,
+            nodeid=nodeid,
+            shared=shared,
+            labels=labels,
+            name=name,
+            extra_labels=extra_labels,
         )
         try:
             volume = self.client.volumes.create(name=name, labels=full)
@@ -309,9 +325,16 @@ class Engine:
         shared: bool = False,
         labels: Mapping[str, str] | None = None,
         name: str | None = None,
+        extra_labels: Mapping[str, str] | None = None,
     ) -> tuple[Any, Tracked]:
         name, tracked, full = self._labelled(
-            "network", tracker, nodeid=nodeid, shared=shared, labels=labels, name=name
+            "network",
+            tracker,
+            nodeid=nodeid,
+            shared=shared,
+            labels=labels,
+            name=name,
+            extra_labels=extra_labels,
         )
         try:
             network = self.client.networks.create(name, labels=full, driver="bridge")

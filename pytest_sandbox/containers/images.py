@@ -137,12 +137,7 @@ def busybox_rootfs(busybox: Path | None = None) -> bytes:
             path = applet.lstrip("/")
             if path == "bin/busybox" or not path.startswith(("bin/", "sbin/", "usr/")):
                 continue
-            depth = path.count("/")
-            add(
-                path,
-                kind=tarfile.SYMTYPE,
-                link="../" * (depth - 1) + "bin/busybox" if depth > 1 else "busybox",
-            )
+            add(path, kind=tarfile.SYMTYPE, link="/bin/busybox")
     return buf.getvalue()
 
 

@@ -1,0 +1,741 @@
+"""SandboxContainer: a labelled, ledger-tracked container with a data dir you can snapshot.
+
+Readiness needs no shell in the image: a regex on the container's logs, Docker's health status,
+or a TCP / HTTP probe from the host to a published port. A container that fails to start, to
+become ready, or to receive its files is removed (with its volume) before the error is raised:
+nothing is left in ``created``.
+
+Data operations (``export_data`` / ``import_data``) go through the engine's archive API (no
+exec, no shell), stop the container meanwhile and return it to its prior state afterwards under
+a cross-process file lock held until the restart completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import secrets
+import socket
+import tarfile
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from filelock import FileLock
+
+from pytest_sandbox.containers import archive
+from pytest_sandbox.containers.engine import L_KEPT, L_KEY, L_ROLE, Engine
+from pytest_sandbox.errors import (
+    AutoRemoveRefused,
+    ContainerError,
+    ContainerExited,
+    ContainerNotReady,
+    ContainerStartFailed,
+    DataDirOnTmpfs,
+    RestartFailed,
+)
+from pytest_sandbox.runtime.cleanup import CleanupStack
+from pytest_sandbox.runtime.ledger import ResourceTracker, Tracked
+from pytest_sandbox.runtime.waiting import Deadline
+
+if TYPE_CHECKING:
+    from pytest_sandbox.runtime.run import RunContext
+
+L_IMAGE = "pytest-sandbox.image"
+L_DATA_DIR = "pytest-sandbox.data-dir"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command run in a container returned: ``output`` is stdout, ``stderr`` beside it."""
+
+    exit_code: int
+    output: bytes
+    stderr: bytes = b""
+
+
+# --- readiness --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogReady:
+    """Ready when ``pattern`` (a regex) matches the container's stdout/stderr."""
+
+    pattern: str
+
+    def describe(self) -> str:
+        return f"its log to match {self.pattern!r}"
+
+
+@dataclass(frozen=True)
+class Healthy:
+    """Ready when Docker reports the container ``healthy`` (give the container a healthcheck)."""
+
+    def describe(self) -> str:
+        return "Docker to report it healthy"
+
+
+@dataclass(frozen=True)
+class PortReady:
+    """Ready when the published ``port`` accepts TCP from the host (or, with ``http_path``,
+    answers ``GET http_path`` with a status below 400)."""
+
+    port: int
+    http_path: str | None = None
+    protocol: str = "tcp"
+
+    def describe(self) -> str:
+        what = f"HTTP GET {self.http_path}" if self.http_path else "TCP"
+        return f"{what} on its port {self.port} from the host"
+
+
+ReadySpec = LogReady | Healthy | PortReady | str | int | Callable[["SandboxContainer"], bool] | None
+
+
+def _as_probe(ready: ReadySpec) -> LogReady | Healthy | PortReady | Callable[..., bool] | None:
+    if isinstance(ready, str):
+        return LogReady(ready)
+    if isinstance(ready, bool):
+        raise ContainerError(f"ready={ready!r}: pass a regex, a port, a probe or None")
+    if isinstance(ready, int):
+        return PortReady(ready)
+    return ready
+
+
+# --- the container ----------------------------------------------------------------------
+
+
+@dataclass
+class _Parts:
+    container: Any = None
+    tracked: Tracked | None = None
+    volume: str | None = None
+    volume_tracked: Tracked | None = None
+    extra: list[Tracked] = field(default_factory=list)
+
+
+class SandboxContainer:
+    """A running container: ``id``, ``name``, ``status``, ``exec(argv)``, ``stop()``,
+    ``start()``, ``export_data(dest)``, ``import_data(src, mode)``, ``host_port(port)``,
+    ``logs()``, ``close()`` (idempotent; "already gone" is success), ``keep()``.
+
+    Build with :meth:`launch` (create + copy files + start + wait ready); a failure on the way
+    removes what was made. ``data_dir`` is backed by a labelled volume unless ``volume=False``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        image: str,
+        *,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        data_dir: str = "/data",
+        volume: bool = True,
+        ready: ReadySpec = None,
+        timeout: float = 30.0,
+        ports: Sequence[int] = (),
+        labels: Mapping[str, str] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        key: str | None = None,
+        network: str | None = None,
+        tracker: ResourceTracker | None = None,
+        nodeid: str = "",
+        shared: bool = False,
+        keep_label: bool = False,
+        lock_dir: Path | None = None,
+        grace: float = 3.0,
+        init: bool = True,
+        **create_options: Any,
+    ) -> None:
+        if not data_dir.startswith("/") or ".." in data_dir.split("/"):
+            raise ContainerError(
+                f"data_dir {data_dir!r} must be an absolute path without '..' in the container"
+            )
+        self.engine = engine
+        self.image = image
+        self.command = list(command) if command is not None else None
+        self.env = dict(env or {})
+        self.data_dir = data_dir.rstrip("/") or "/"
+        self.use_volume = volume
+        self.ready = _as_probe(ready)
+        self.timeout = timeout
+        self.ports = list(ports)
+        self.user_labels = dict(labels or {})
+        self.files = dict(files or {})
+        self.key = key
+        self.network = network
+        self.tracker = tracker
+        self.nodeid = nodeid
+        self.shared = shared
+        self.keep_label = keep_label
+        self.grace = grace
+        self.init = init
+        self.create_options = create_options
+        run: RunContext | None = engine.run
+        self.lock_dir = Path(lock_dir) if lock_dir else _default_lock_dir(run)
+        self._parts = _Parts()
+        self._closed = False
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, engine: Engine, ident: str, **options: Any) -> SandboxContainer:
+        """A handle on an existing container (a shared one made by another worker); closing
+        it does not remove the container."""
+        found = engine.client.containers.get(ident)
+        labels = found.labels or {}
+        self = cls(
+            engine,
+            found.image.id,
+            data_dir=labels.get(L_DATA_DIR, "/data"),
+            key=labels.get(L_KEY),
+            **options,
+        )
+        self._parts.container = found
+        self._closed = True  # not ours to remove
+        return self
+
+    def launch(self) -> SandboxContainer:
+        """Create, copy ``files`` in, start and wait until ready; clean up on any failure."""
+        undo = CleanupStack()
+        try:
+            self._create(undo)
+            self._copy_files()
+            self._start_and_wait()
+        except BaseException as exc:
+            try:
+                undo.close()
+            except Exception as cleanup_error:
+                exc.add_note(f"cleaning up the failed container also failed: {cleanup_error!r}")
+            if isinstance(exc, ContainerError | KeyboardInterrupt | SystemExit):
+                raise
+            raise ContainerStartFailed(
+                f"container from image {self.image!r} could not be started: {exc}. It was "
+                "removed; check the image, command and readiness probe."
+            ) from exc
+        undo.pop_all()
+        return self
+
+    def _labels(self, role: str) -> dict[str, str]:
+        out = {L_IMAGE: self.image[:200], L_DATA_DIR: self.data_dir, L_ROLE: role}
+        if self.key:
+            out[L_KEY] = self.key
+        if self.keep_label:
+            out[L_KEPT] = "always"
+        return out
+
+    def _create(self, undo: CleanupStack) -> None:
+        mounts: dict[str, dict[str, str]] = {}
+        engine = self.engine
+        if self.use_volume:
+            vol, vol_tracked = engine.create_volume(
+                tracker=self.tracker,
+                nodeid=self.nodeid,
+                shared=self.shared,
+                labels=self.user_labels,
+                extra_labels=self._labels("data"),
+            )
+            self._parts.volume, self._parts.volume_tracked = vol.name, vol_tracked
+            undo.push(self._remove_volume, name="remove volume")
+            mounts[vol.name] = {"bind": self.data_dir, "mode": "rw"}
+        kwargs: dict[str, Any] = {
+            "command": self.command,
+            "environment": self.env,
+            "volumes": mounts or None,
+            "init": self.init,
+            "ports": {f"{p}/tcp": ("127.0.0.1", None) for p in self.ports} or None,
+            "network": self.network,
+            **self.create_options,
+        }
+        container, tracked = engine.create_container(
+            self.image,
+            tracker=self.tracker,
+            nodeid=self.nodeid,
+            shared=self.shared,
+            labels=self.user_labels,
+            extra_labels=self._labels("container"),
+            **kwargs,
+        )
+        self._parts.container, self._parts.tracked = container, tracked
+        if self.shared:
+            tracked.update(shared=True)
+            if self._parts.volume_tracked is not None:
+                self._parts.volume_tracked.update(shared=True)
+        undo.push(self._remove_container, name="remove container")
+
+    def _copy_files(self) -> None:
+        for path, data in self.files.items():
+            parent, _, base = path.rstrip("/").rpartition("/")
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as tar:
+                info = tarfile.TarInfo(base)
+                info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+                tar.addfile(info, io.BytesIO(data))
+            if not self.container.put_archive(parent or "/", buf.getvalue()):
+                raise ContainerError(f"copying {path!r} into {self.name} failed")
+
+    def _start_and_wait(self) -> None:
+        self.container.start()
+        self.wait_ready()
+
+    @property
+    def container(self) -> Any:
+        if self._parts.container is None:
+            raise ContainerError(f"container from {self.image!r} was not launched")
+        return self._parts.container
+
+    @property
+    def id(self) -> str:
+        return str(self.container.id)
+
+    @property
+    def name(self) -> str:
+        return str(self.container.name)
+
+    @property
+    def volume_name(self) -> str | None:
+        return self._parts.volume
+
+    @property
+    def status(self) -> str:
+        """``created`` / ``running`` / ``exited`` / … as the engine says now (``removed`` when
+        it is gone)."""
+        try:
+            self.container.reload()
+        except Exception as exc:
+            if _not_found(exc):
+                return "removed"
+            raise
+        return str(self.container.status)
+
+    def inspect(self) -> dict[str, Any]:
+        return dict(self.engine.client.api.inspect_container(self.id))
+
+    def logs(self) -> str:
+        raw = self.engine.client.api.logs(self.id, stdout=True, stderr=True)
+        return bytes(raw).decode("utf-8", "replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            raw = self.engine.client.api.logs(self.id, stdout=True, stderr=True, tail=lines)
+        except Exception as exc:
+            return f"(logs unavailable: {exc})"
+        return bytes(raw).decode("utf-8", "replace")
+
+    def host_port(self, port: int, protocol: str = "tcp") -> int:
+        """The host port (on 127.0.0.1) published for the container's ``port``."""
+        ports = self.inspect()["NetworkSettings"]["Ports"] or {}
+        bound = ports.get(f"{port}/{protocol}")
+        if not bound:
+            raise ContainerError(
+                f"port {port}/{protocol} of {self.name} is not published; pass ports=[{port}]"
+            )
+        return int(bound[0]["HostPort"])
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait for the container to run and pass its readiness check."""
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        probe = self.ready
+        regex = (
+            re.compile(probe.pattern.encode(), re.MULTILINE)
+            if isinstance(probe, LogReady)
+            else None
+        )
+        delay = 0.005
+        last_error: BaseException | None = None
+        while True:
+            state = self.inspect()["State"]
+            if state.get("Status") in ("exited", "dead") or (
+                not state.get("Running") and state.get("Status") != "created"
+            ):
+                raise ContainerExited(
+                    f"container {self.name} ({self.image}) exited with code "
+                    f"{state.get('ExitCode')} before it was ready (waiting for "
+                    f"{_describe(probe)}).\n--- last lines of its log ---\n{self.log_tail()}"
+                )
+            try:
+                if state.get("Running") and self._probe(probe, state, regex):
+                    return
+                last_error = None
+            except (OSError, ValueError) as exc:
+                last_error = exc
+            if deadline.expired():
+                detail = f" (last error: {last_error!r})" if last_error else ""
+                raise ContainerNotReady(
+                    f"container {self.name} ({self.image}) was not ready after "
+                    f"{deadline.seconds:g}s waiting for {_describe(probe)}{detail}; state "
+                    f"{state.get('Status')!r}, health "
+                    f"{(state.get('Health') or {}).get('Status', '-')!r}. Raise timeout= or fix "
+                    f"the readiness check.\n--- last lines of its log ---\n{self.log_tail()}"
+                )
+            time.sleep(min(delay, deadline.remaining()))
+            delay = min(delay * 1.5, 0.1)
+
+    def _probe(self, probe: Any, state: Mapping[str, Any], regex: re.Pattern[bytes] | None) -> bool:
+        if probe is None:
+            return True
+        if isinstance(probe, LogReady):
+            assert regex is not None
+            raw = self.engine.client.api.logs(self.id, stdout=True, stderr=True)
+            return bool(regex.search(bytes(raw)))
+        if isinstance(probe, Healthy):
+            status = (state.get("Health") or {}).get("Status")
+            if status is None:
+                raise ContainerError(
+                    f"container {self.name} has no healthcheck; ready=Healthy() needs one "
+                    "(pass healthcheck={...} or use a log/port readiness check)"
+                )
+            return bool(status == "healthy")
+        if isinstance(probe, PortReady):
+            host_port = self.host_port(probe.port, probe.protocol)
+            if probe.http_path is None:
+                with socket.create_connection(("127.0.0.1", host_port), timeout=1.0):
+                    return True
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", host_port, timeout=1.0)
+            try:
+                conn.request("GET", probe.http_path)
+                return conn.getresponse().status < 400
+            except http.client.HTTPException as exc:
+                raise OSError(str(exc)) from exc
+            finally:
+                conn.close()
+        return bool(probe(self))
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str = "",
+    ) -> ExecResult:
+        """Run ``argv`` (a list, no shell) in the running container."""
+        if isinstance(argv, str):
+            raise ContainerError(f"exec takes an argv list, not a string: {argv!r}")
+        api = self.engine.client.api
+        created = api.exec_create(
+            self.id, list(argv), environment=dict(env or {}), workdir=workdir, user=user
+        )
+        out, err = api.exec_start(created["Id"], demux=True)
+        code = api.exec_inspect(created["Id"]).get("ExitCode")
+        return ExecResult(int(code if code is not None else -1), out or b"", err or b"")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the container (SIGTERM, grace, SIGKILL); it keeps its data and can be started."""
+        with contextlib.suppress(Exception):
+            self.container.stop(timeout=int(self.grace if timeout is None else timeout))
+            return
+        if self.status not in ("exited", "removed", "created"):
+            raise ContainerError(f"container {self.name} could not be stopped")
+
+    def start(self, *, wait: bool = True) -> None:
+        """Start a stopped container and (by default) wait for readiness again."""
+        self.container.start()
+        if wait:
+            self.wait_ready()
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def _remove_container(self) -> None:
+        if self._parts.container is None:
+            return
+        try:
+            self.engine.client.api.remove_container(self.id, force=True, v=False)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+        if self._parts.tracked is not None:
+            self._parts.tracked.released()
+
+    def _remove_volume(self) -> None:
+        if self._parts.volume is None:
+            return
+        from pytest_sandbox.containers.engine import release_docker_object
+
+        release_docker_object(
+            {"type": "volume", "name": self._parts.volume, "engine": self.engine.endpoint}
+        )
+        if self._parts.volume_tracked is not None:
+            self._parts.volume_tracked.released()
+
+    def close(self) -> None:
+        """Remove the container and its volume; idempotent, "already gone" counts as removed."""
+        if self._closed:
+            return
+        self._closed = True
+        steps = CleanupStack()
+        steps.push(self._remove_volume, name="remove volume")
+        steps.push(self._remove_container, name="remove container")
+        steps.close()
+
+    def keep(self) -> str:
+        """Leave the container (and its volume) in place, marked kept; returns the command that
+        removes them."""
+        if self._closed:
+            return ""
+        self._closed = True
+        new_name = self.engine.mark_kept(self.id) or self.name
+        for tracked in (self._parts.tracked, self._parts.volume_tracked):
+            if tracked is not None:
+                tracked.kept()
+        volume = f" && docker volume rm {self._parts.volume}" if self._parts.volume else ""
+        return f"docker rm -f {new_name}{volume}"
+
+    def __enter__(self) -> SandboxContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- data ---------------------------------------------------------------------------
+
+    def data_lock(self) -> FileLock:
+        """The cross-process lock serialising data operations on this container."""
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.lock_dir / f"{self.name.removesuffix('-kept')}.lock"))
+
+    def _check_exportable(self) -> dict[str, Any]:
+        info = self.inspect()
+        host = info.get("HostConfig") or {}
+        if host.get("AutoRemove"):
+            raise AutoRemoveRefused(
+                f"container {self.name} was created with auto-remove: stopping it to export "
+                f"{self.data_dir} would delete it. Create it without auto_remove."
+            )
+        tmpfs = host.get("Tmpfs") or {}
+        mounts = info.get("Mounts") or []
+        if self.data_dir in tmpfs or any(
+            m.get("Type") == "tmpfs" and m.get("Destination") == self.data_dir for m in mounts
+        ):
+            raise DataDirOnTmpfs(
+                f"data dir {self.data_dir} of container {self.name} is a tmpfs mount: stopping "
+                "the container would lose it and the export would be empty. Use a volume "
+                "(volume=True) for data you want to snapshot."
+            )
+        return info
+
+    @contextlib.contextmanager
+    def _stopped(self) -> Iterator[None]:
+        """Hold the data lock, stop the container if it runs, and put it back afterwards."""
+        with self.data_lock():
+            info = self._check_exportable()
+            was_running = bool(info["State"].get("Running"))
+            if was_running:
+                self.container.stop(timeout=int(self.grace))
+            failure: BaseException | None = None
+            try:
+                yield
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                if was_running:
+                    try:
+                        self.container.start()
+                        self.wait_ready()
+                    except Exception as exc:
+                        error = RestartFailed(
+                            f"container {self.name} was running before the data operation but "
+                            f"could not be restarted: {exc}"
+                        )
+                        if failure is not None:
+                            failure.add_note(f"and then: {error}")
+                        else:
+                            raise error from exc
+
+    def export_chunks(self, *, compress: bool = True) -> Generator[bytes, None, None]:
+        """Yield a tar(.gz) of the data dir (members relative to it) while the container is
+        stopped; it is put back in its prior state when the generator finishes or is closed.
+
+        A missing data dir gives an empty archive. Streams: memory stays at a few MiB.
+        """
+        with self._stopped():
+            try:
+                raw, _stat = self.engine.client.api.get_archive(self.id, self.data_dir + "/.")
+                stripped = archive.rewrite(raw, strip_first=True, compress=compress)
+            except Exception as exc:
+                if not _not_found(exc):
+                    raise
+                stripped = archive.rewrite(iter([b"\0" * 1024]), compress=compress)
+            yield from stripped
+
+    def export_data(self, dest: Path | str | IO[bytes], *, compress: bool | None = None) -> int:
+        """Write the data dir to ``dest`` (a path, written atomically with mode 0600, or a
+        binary file object). tar.gz unless ``dest`` is a path without ``.gz``/``.tgz``.
+        Returns the bytes written."""
+        if isinstance(dest, str | Path):
+            gz = archive.is_gzip_name(dest) if compress is None else compress
+            chunks = self.export_chunks(compress=gz)
+            try:
+                return archive.write_atomic(chunks, dest)
+            finally:
+                chunks.close()
+        chunks = self.export_chunks(compress=True if compress is None else compress)
+        written = 0
+        try:
+            for chunk in chunks:
+                dest.write(chunk)
+                written += len(chunk)
+        finally:
+            chunks.close()
+        return written
+
+    def import_data(
+        self,
+        src: Path | str,
+        mode: str = "replace",
+        *,
+        max_bytes: int = archive.MAX_BYTES,
+        max_members: int = archive.MAX_MEMBERS,
+    ) -> archive.Summary:
+        """Load a tar(.gz) into the data dir: ``replace`` empties it first, ``merge`` overlays.
+
+        The whole archive is validated (see ``archive.validate``) before anything is written;
+        the container is stopped meanwhile and returned to its prior state.
+        """
+        if mode not in ("replace", "merge"):
+            raise ContainerError(f"import_data mode {mode!r}: use 'replace' or 'merge'")
+        src = Path(src)
+        with open(src, "rb") as handle:
+            summary = archive.validate(
+                handle, label=str(src), max_bytes=max_bytes, max_members=max_members
+            )
+            with self._stopped():
+                if mode == "replace":
+                    self._empty_data_dir()
+                self._ensure_data_dir()
+                handle.seek(0)
+                ok = self.engine.client.api.put_archive(
+                    self.id, self.data_dir, _file_chunks(handle)
+                )
+                if not ok:
+                    raise ContainerError(f"the engine refused the archive for {self.name}")
+        return summary
+
+    def _ensure_data_dir(self) -> None:
+        try:
+            self.engine.client.api.get_archive(self.id, self.data_dir + "/.", chunk_size=512)[
+                0
+            ].close()
+            return
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+        parent, _, base = self.data_dir.rpartition("/")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(base)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        self.engine.client.api.put_archive(self.id, parent or "/", buf.getvalue())
+
+    def _empty_data_dir(self) -> None:
+        """Empty the data dir without a shell in the image: a helper container (the plugin's
+        busybox image) mounts the volume and deletes its content."""
+        if self._parts.volume is None:
+            vol = _volume_at(self.inspect(), self.data_dir)
+            if vol is None:
+                raise ContainerError(
+                    f"import_data(mode='replace') into {self.name}:{self.data_dir} needs the "
+                    "data dir on a volume (volume=True) to empty it without a shell; use "
+                    "mode='merge' or create the container with a volume."
+                )
+        else:
+            vol = self._parts.volume
+        run_helper(
+            self.engine,
+            vol,
+            ["find", "/v", "-mindepth", "1", "-maxdepth", "1", "-exec", "rm", "-rf", "{}", "+"],
+            lock_dir=self.lock_dir,
+            tracker=self.tracker,
+        )
+
+
+def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        chunk = handle.read(archive.CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _volume_at(info: Mapping[str, Any], path: str) -> str | None:
+    for mount in info.get("Mounts") or []:
+        if mount.get("Type") == "volume" and mount.get("Destination") == path:
+            return str(mount.get("Name"))
+    return None
+
+
+def run_helper(
+    engine: Engine,
+    volume: str,
+    argv: Sequence[str],
+    *,
+    lock_dir: Path | None = None,
+    timeout: float = 120.0,
+    tracker: ResourceTracker | None = None,
+) -> bytes:
+    """Run ``argv`` in a throw-away busybox container with ``volume`` at ``/v``; labelled like
+    everything else, removed afterwards. Returns its output; raises on a non-zero exit."""
+    from pytest_sandbox.containers.images import ImageBuilder
+
+    state_dir = (
+        engine.run.state_dir if engine.run else (lock_dir.parent if lock_dir else Path("/tmp"))
+    )
+    image = ImageBuilder(engine, state_dir, progress=None).get("busybox")
+    container, tracked = engine.create_container(
+        image,
+        tracker=tracker,
+        command=list(argv),
+        volumes={volume: {"bind": "/v", "mode": "rw"}},
+        extra_labels={L_ROLE: "helper"},
+    )
+    try:
+        container.start()
+        result = container.wait(timeout=timeout)
+        output = bytes(container.logs())
+        if result.get("StatusCode") != 0:
+            raise ContainerError(
+                f"helper {list(argv)} on volume {volume} exited with "
+                f"{result.get('StatusCode')}: {output[-2000:].decode(errors='replace')}"
+            )
+        return output
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+            tracked.released()
+
+
+def _describe(probe: Any) -> str:
+    if probe is None:
+        return "it to run"
+    described = getattr(probe, "describe", None)
+    return str(described()) if callable(described) else getattr(probe, "__name__", repr(probe))
+
+
+def _not_found(exc: BaseException) -> bool:
+    try:
+        import docker
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, docker.errors.NotFound)
+
+
+def _default_lock_dir(run: RunContext | None) -> Path:
+    if run is not None:
+        return run.state_dir / "locks"
+    base = os.environ.get("PYTEST_SANDBOX_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "pytest-sandbox"
+    )
+    return Path(base) / "locks"
+
+
+def new_key() -> str:
+    return secrets.token_hex(6)
