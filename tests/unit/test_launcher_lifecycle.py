@@ -263,10 +263,11 @@ def test_failed_probe_kills_group_and_cleans_up(launcher, httpd, ledger):
     assert ledger.rows() == []
     assert list(launcher.socket_dir.glob("be-*.sock")) == []
     assert list(launcher.record_dir.glob("*.json")) == []
-    mine = [
-        p for p in psutil.Process().children(recursive=True) if str(httpd) in " ".join(p.cmdline())
-    ]
-    assert mine == []  # stopped and reaped: no process, no zombie
+    children = psutil.Process().children(recursive=True)
+    zombies = [p for p in children if p.status() == psutil.STATUS_ZOMBIE]
+    ours = [p for p in children if str(httpd) in " ".join(p.cmdline())]
+    assert zombies == []  # stopped and reaped
+    assert ours == []
 
 
 def test_exit_during_probe_fails_at_once_with_code_and_log(launcher, httpd, ledger):
