@@ -1,0 +1,207 @@
+"""Foundation benchmarks: plugin overhead, crash clean-up latency, process start-to-ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pytest_sandbox.runtime.ledger import Ledger, Tracker
+from pytest_sandbox.runtime.processes import TrackedProcess
+from pytest_sandbox.runtime.run import RunContext
+
+RYUK_RECONNECT_TIMEOUT = 10.0  # testcontainers' Ryuk default (RYUK_RECONNECTION_TIMEOUT=10s)
+
+
+def row(
+    name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str, met: bool
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "ours": ours,
+        "peer": peer,
+        "peer_name": peer_name,
+        "unit": unit,
+        "ratio": ours / peer if peer else 0.0,
+        "goal": goal,
+        "met": met,
+    }
+
+
+def _pytest(directory: Path, *args: str, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            "-p",
+            "no:benchmark",
+            *args,
+        ],
+        cwd=directory,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
+def plugin_overhead(quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        body = "\n".join(f"def test_{i}():\n    pass\n" for i in range(2000))
+        (directory / "test_many.py").write_text(body)
+        env = {**os.environ, "PYTEST_SANDBOX_STATE_DIR": str(directory / "state")}
+        rounds = 2 if quick else 7
+        ours, bare = [], []
+        for _ in range(rounds):  # alternate so drift hits both sides alike
+            ours.append(_pytest(directory, env=env))
+            bare.append(_pytest(directory, "-p", "no:sandbox", env=env))
+    ratio = statistics.median(ours) / statistics.median(bare)
+    return row(
+        "plugin overhead, 2000 trivial tests",
+        statistics.median(ours),
+        statistics.median(bare),
+        "pytest -p no:sandbox",
+        "s",
+        "<= 1.05x",
+        ratio <= 1.05,
+    )
+
+
+HOLDER = """
+import os, time
+from pathlib import Path
+def test_hold(sandbox_process):
+    p = sandbox_process(["sleep", "300"])
+    Path(os.environ["PIDS_FILE"]).write_text(str(p.pid))
+    time.sleep(300)
+"""
+
+
+def crash_cleanup(quick: bool) -> dict[str, Any]:
+    latencies = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / "test_hold.py").write_text(HOLDER)
+        for i in range(4 if quick else 10):
+            pids_file = directory / f"pid{i}"
+            env = {
+                **os.environ,
+                "PYTEST_SANDBOX_STATE_DIR": str(directory / "state"),
+                "PIDS_FILE": str(pids_file),
+            }
+            inner = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-p",
+                    "no:xdist",
+                    "test_hold.py",
+                ],
+                cwd=directory,
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            while not pids_file.exists():
+                time.sleep(0.01)
+            pid = int(pids_file.read_text())
+            time.sleep(0.2)  # let the reaper pick up the owner
+            killed = time.perf_counter()
+            os.killpg(inner.pid, signal.SIGKILL)
+            inner.wait()
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
+                time.sleep(0.002)
+            latencies.append(time.perf_counter() - killed)
+    median = statistics.median(latencies)
+    return row(
+        "crash clean-up latency (kill -9 to gone), median",
+        median,
+        RYUK_RECONNECT_TIMEOUT,
+        "Ryuk default reconnection timeout",
+        "s",
+        "<= 1 s",
+        median <= 1.0,
+    )
+
+
+SERVER = (
+    "import socket,sys,time;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
+    "socket.SO_REUSEADDR,1);s.bind(('127.0.0.1',int(sys.argv[1])));s.listen();time.sleep(60)"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_to_ready(quick: bool) -> dict[str, Any]:
+    rounds = 10 if quick else 30
+    ours, bare = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        run = RunContext.for_controller(state, state / "s")
+        run.ensure_dirs()
+        tracker = Tracker(Ledger.in_state_dir(state), run, "bench")
+        for _ in range(rounds):
+            port = _free_port()
+            t0 = time.perf_counter()
+            proc = TrackedProcess(
+                [sys.executable, "-c", SERVER, str(port)],
+                log_path=run.new_log_path("srv"),
+                ready=port,
+                tracker=tracker,
+            )
+            proc.start()
+            ours.append(time.perf_counter() - t0)
+            proc.stop()
+
+            port = _free_port()
+            t0 = time.perf_counter()
+            popen = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
+            while True:  # the hand-written loop a test would otherwise carry
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.005)
+            bare.append(time.perf_counter() - t0)
+            popen.kill()
+            popen.wait()
+    ratio = statistics.median(ours) / statistics.median(bare)
+    return row(
+        "sandbox_process start-to-ready, TCP server",
+        statistics.median(ours),
+        statistics.median(bare),
+        "subprocess.Popen + port poll",
+        "s",
+        "<= 1.2x",
+        ratio <= 1.2,
+    )
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    return [plugin_overhead(quick), crash_cleanup(quick), start_to_ready(quick)]
