@@ -1,0 +1,310 @@
+"""FsWorkerPool: warm fs workers, bucketed by the exact (root, policy, proxy) they serve.
+
+A worker is lent to one holder at a time. When it comes back (``close()`` on it) it is reset
+to a pristine state — a fresh root emptied, the worker pinged — and goes back to its bucket;
+a worker that answered an error, ran ``exec``, died, or whose root cannot be reset is stopped
+instead. Refills of an emptied bucket run on a background thread, so ``acquire()`` from a warm
+bucket is a list pop. Usable without pytest; ``close()`` stops every worker it made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pytest_sandbox.errors import FsWorkerError
+from pytest_sandbox.fsworker.client import FsWorker, ProxyLike
+from pytest_sandbox.fsworker.policy import SandboxPolicy
+from pytest_sandbox.runtime.ledger import ResourceTracker
+from pytest_sandbox.runtime.run import RunContext
+
+BucketKey = tuple[str | None, str, tuple[int, int] | None, str, int | None]
+
+
+def _empty_dir(root: Path) -> None:
+    """Remove everything inside ``root`` (never following a symlink out of it)."""
+    with os.scandir(root) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
+class FsWorkerPool:
+    """Warm :class:`FsWorker` processes, ``size`` idle per bucket kept ready in the background.
+
+    ``acquire(root=None, policy=None, proxy=None)`` lends a worker; ``root=None`` means a
+    fresh, empty root. Buckets are keyed by the exact root, policy (JSON), proxy, kernel mode
+    and uid. Buckets with a proxy are not prewarmed (proxies are short-lived); their workers
+    are still reused while the proxy lives.
+    """
+
+    def __init__(
+        self,
+        *,
+        size: int = 2,
+        kernel: str = "auto",
+        user: int | None = None,
+        tracker: ResourceTracker | None = None,
+        run: RunContext | None = None,
+        worker_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.size = size
+        self.kernel = kernel
+        self.user = user
+        self._tracker = tracker
+        self._run = run
+        self._options = dict(worker_options or {})
+        self._idle: dict[BucketKey, list[FsWorker]] = defaultdict(list)
+        self._lent: set[int] = set()
+        self._all: dict[int, FsWorker] = {}
+        self._pending: dict[BucketKey, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fsworker-pool")
+        self._futures: list[Future[None]] = []
+        self._closed = False
+        self._root_state: dict[int, tuple[int, int, int]] = {}
+        #: Counters for docs/benchmarks: spawned, reused, reset, discarded.
+        self.stats: dict[str, int] = defaultdict(int)
+
+    # --- keys and spawning ----------------------------------------------------------------
+
+    def _key(
+        self,
+        root: str | os.PathLike[str] | None,
+        policy: SandboxPolicy | None,
+        proxy: ProxyLike | None,
+        kernel: str | None,
+        user: int | None,
+    ) -> BucketKey:
+        policy = policy if policy is not None else SandboxPolicy()
+        return (
+            None if root is None else os.path.realpath(root),
+            policy.to_json(),
+            None if proxy is None else (id(proxy), proxy.port),
+            kernel or self.kernel,
+            user,
+        )
+
+    def _spawn(self, key: BucketKey, proxy: ProxyLike | None) -> FsWorker:
+        root, policy_json, _, kernel, user = key
+        options = dict(self._options)
+        if self._run is not None:
+            options.setdefault("socket_path", self._run.new_socket_path("fs"))
+            options.setdefault("log_path", self._run.new_log_path("fsworker"))
+        worker = FsWorker(
+            root,
+            SandboxPolicy.from_json(policy_json),
+            proxy=proxy,
+            kernel=kernel,
+            user=user,
+            tracker=self._tracker,
+            **options,
+        )
+        worker.start()
+        with self._lock:
+            self._all[id(worker)] = worker
+            self.stats["spawned"] += 1
+        root_path = worker.root
+        info = root_path.stat()
+        self._root_state[id(worker)] = (info.st_uid, info.st_gid, info.st_mode)
+        return worker
+
+    def _refill(self, key: BucketKey) -> None:
+        try:
+            if self._closed:
+                return
+            worker = self._spawn(key, None)
+        finally:
+            with self._lock:
+                self._pending[key] -= 1
+        with self._lock:
+            if not self._closed:
+                self._idle[key].append(worker)
+                return
+        worker.terminate()
+
+    def _schedule_refill(self, key: BucketKey) -> None:
+        """Keep ``size`` idle workers in a bucket without a proxy (called under the lock)."""
+        if key[2] is not None or self._closed:
+            return
+        missing = self.size - len(self._idle[key]) - self._pending[key]
+        for _ in range(max(0, missing)):
+            self._pending[key] += 1
+            self._futures.append(self._executor.submit(self._refill, key))
+
+    # --- lending ----------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        policy: SandboxPolicy | None = None,
+        proxy: ProxyLike | None = None,
+        *,
+        kernel: str | None = None,
+        user: int | None = None,
+    ) -> FsWorker:
+        """Lend a worker for ``(root, policy, proxy)``: a warm one if the bucket has one."""
+        if self._closed:
+            raise FsWorkerError("the fs worker pool is closed; no worker can be lent")
+        key = self._key(root, policy, proxy, kernel, user if user is not None else self.user)
+        with self._lock:
+            idle = self._idle[key]
+            worker = idle.pop() if idle else None
+            if not idle:
+                # refill only an empty bucket: returned workers keep a steady one full
+                self._schedule_refill(key)
+        if worker is None:
+            worker = self._spawn(key, proxy)
+        else:
+            self.stats["reused"] += 1
+        worker._pool = self
+        with self._lock:
+            self._lent.add(id(worker))
+        return worker
+
+    def prewarm(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        policy: SandboxPolicy | None = None,
+        *,
+        wait: bool = False,
+    ) -> None:
+        """Start filling a bucket now (``wait=True`` blocks until it is full)."""
+        key = self._key(root, policy, None, None, self.user)
+        with self._lock:
+            self._schedule_refill(key)
+            futures = list(self._futures)
+        if wait:
+            for future in futures:
+                future.result()
+
+    def give_back(self, worker: FsWorker) -> None:
+        """Called by ``worker.close()``: reset and reuse it, or stop it."""
+        with self._lock:
+            self._lent.discard(id(worker))
+        fresh = worker.handover()
+        with self._lock:
+            self._all.pop(id(worker), None)
+            self._all[id(fresh)] = fresh
+            self._root_state[id(fresh)] = self._root_state.pop(id(worker), (0, 0, 0))
+            closed = self._closed
+        if closed:
+            self._discard(fresh)
+        else:
+            # synchronous: costs the returning test about a millisecond, and the next acquire
+            # finds the worker warm instead of racing a background reset
+            self._reset(fresh)
+
+    def forget(self, worker: FsWorker) -> None:
+        """Called by ``worker.keep()``: the pool lets go of it (it is kept running)."""
+        with self._lock:
+            self._lent.discard(id(worker))
+            self._all.pop(id(worker), None)
+
+    def _reset(self, worker: FsWorker) -> None:
+        key = self._key(
+            None if worker._fresh_root else worker.root,
+            worker.policy,
+            worker.proxy if worker._own_proxy is None else None,
+            worker.kernel,
+            worker.user,
+        )
+        reason = self._unusable(worker)
+        if reason is None and worker._fresh_root:
+            try:
+                _empty_dir(worker.root)
+                info = worker.root.stat()
+                if (info.st_uid, info.st_gid, info.st_mode) != self._root_state.get(id(worker)):
+                    reason = "its root changed owner or mode"
+            except OSError as exc:
+                reason = f"its root could not be emptied: {exc}"
+        if reason is None:
+            try:
+                worker.ping()
+            except FsWorkerError as exc:
+                reason = f"it did not answer a ping: {exc}"
+        if reason is not None:
+            self._discard(worker)
+            return
+        with self._lock:
+            if not self._closed and len(self._idle[key]) < 2 * max(self.size, 1):
+                self._idle[key].append(worker)
+                self.stats["reset"] += 1
+                return
+        self._discard(worker)
+
+    @staticmethod
+    def _unusable(worker: FsWorker) -> str | None:
+        if worker.tainted:
+            return "it answered an error or ran exec"
+        if not worker.alive:
+            return "it is not running"
+        proxy = worker.proxy
+        if proxy is not None and getattr(proxy, "_server", True) is None:
+            return "its egress proxy is closed"
+        return None
+
+    def _discard(self, worker: FsWorker) -> None:
+        with self._lock:
+            self._all.pop(id(worker), None)
+            self._root_state.pop(id(worker), None)
+            self.stats["discarded"] += 1
+        worker.terminate()
+
+    # --- introspection and teardown ---------------------------------------------------------
+
+    def idle_count(self, root: str | None = None, policy: SandboxPolicy | None = None) -> int:
+        key = self._key(root, policy, None, None, self.user)
+        with self._lock:
+            return len(self._idle.get(key, []))
+
+    def drain(self) -> None:
+        """Wait for every pending reset and refill."""
+        while True:
+            with self._lock:
+                futures = [f for f in self._futures if not f.done()]
+                self._futures = futures
+            if not futures:
+                return
+            for future in futures:
+                with contextlib.suppress(Exception):
+                    future.result()
+
+    def close(self) -> None:
+        """Stop every worker this pool made (idle and lent). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            workers = list(self._all.values())
+            self._all.clear()
+            self._idle.clear()
+            self._lent.clear()
+        errors: list[Exception] = []
+        for worker in workers:
+            worker._pool = None
+            try:
+                worker.terminate()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise ExceptionGroup("stopping pooled fs workers failed", errors)
+
+    def __enter__(self) -> FsWorkerPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+WorkerFactory = Callable[..., FsWorker]
