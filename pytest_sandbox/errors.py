@@ -113,6 +113,65 @@ class BackendError(SandboxError):
 
 
 # --- fsworker ---
+# The fs worker imports this module at start-up: errors.py must stay free of imports.
+
+
+class FsPolicyInvalid(FsWorkerError, ValueError):
+    """A SandboxPolicy (or its JSON) is malformed or names a path it may never name."""
+
+
+class FsPolicyDenied(PolicyDenied):
+    """The fs worker denied a request; ``op``, ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, op: str, path: str, reason: str) -> None:
+        self.op = op
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"fs worker denied {op} {path!r}: {reason}. Write under the worker's root, or widen "
+            "the policy's allow_write (system paths are never writable)."
+        )
+
+
+class FsWorkerExited(FsWorkerError):
+    """The fs worker exited before it printed ``ready`` (bad policy, bad root, crash)."""
+
+    def __init__(self, socket_path: str, returncode: int | None, stderr_tail: str) -> None:
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        super().__init__(
+            f"fs worker for {socket_path} exited with code {returncode} before it was ready.\n"
+            f"--- its stderr ---\n{stderr_tail.strip() or '(empty)'}"
+        )
+
+
+class FsWorkerReadyTimeout(FsWorkerError, TimeoutError):
+    """The fs worker did not print ``ready`` in time (raise ``ready_timeout``)."""
+
+
+class FsWorkerConnectTimeout(FsWorkerError, TimeoutError):
+    """The fs worker printed ``ready`` but its socket did not accept in time."""
+
+
+class FsKernelUnavailable(FsWorkerError):
+    """``--sandbox-kernel=require`` but the kernel layer (Landlock) cannot be applied here."""
+
+
+class FsWorkerRequestError(FsWorkerError):
+    """The worker answered a request with an error other than a policy denial."""
+
+    def __init__(self, kind: str, code: str, message: str) -> None:
+        self.kind = kind
+        self.code = code
+        super().__init__(f"fs worker {kind} request failed ({code}): {message}")
+
+
+class FsWorkerProtocolError(FsWorkerError):
+    """The connection to the fs worker broke or carried something that is not a frame."""
+
+
+class EgressProxyError(SandboxError):
+    """The egress proxy could not start, or failed while serving."""
 
 
 # --- bundles ---

@@ -297,6 +297,83 @@ def sandbox_process(
 # === fsworker fixtures ===
 
 
+@pytest.fixture(scope="session")
+def _sandbox_fs_pool(
+    request: pytest.FixtureRequest, sandbox_run: RunContext, _sandbox_session_tracker: Tracker
+) -> Iterator[Any]:
+    from pytest_sandbox.fsworker.pool import FsWorkerPool
+
+    pool = FsWorkerPool(
+        kernel=_state(request.config).settings.kernel,
+        tracker=_sandbox_session_tracker,
+        run=sandbox_run,
+    )
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def sandbox_fs(request: pytest.FixtureRequest, _sandbox_fs_pool: Any) -> Iterator[Any]:
+    """A connected ``FsWorker`` on a fresh, empty writable root with the default policy.
+
+    ``root``, ``pid``, ``socket_path``, ``enforcement`` (active layers, e.g. ``{"policy",
+    "landlock"}``), ``read``/``write``/``edit``/``rename``/``glob``/``grep``/``stat``/
+    ``get_env``/``exec``/``request``. Writes outside the root raise ``PolicyDenied`` (and fail
+    with EACCES in the kernel where Landlock is on). Served warm from a pool; at teardown the
+    worker is reset (root emptied) for reuse, or stopped if it saw an error or ran ``exec``.
+    ``@pytest.mark.sandbox(kernel="require")`` fails the test where Landlock cannot apply.
+    """
+    worker = _sandbox_fs_pool.acquire(kernel=_effective_settings(request).kernel)
+    _attach_log(request, "fs worker", worker.log_path)
+    yield worker
+    _finish(request, worker.close, worker.keep)
+
+
+@pytest.fixture(scope="session")
+def sandbox_fs_factory(_sandbox_fs_pool: Any) -> Iterator[Callable[..., Any]]:
+    """Factory ``(root=None, policy=None, proxy=None, *, user=None) -> FsWorker`` (session).
+
+    Workers come from a warm pool bucketed by the exact (root, policy, proxy); ``root=None``
+    is a fresh empty root, ``policy`` a ``SandboxPolicy``, ``proxy`` an ``EgressProxy``,
+    ``user`` a uid to drop to (e.g. 65534). Use ``with sandbox_fs_factory(...) as fs:`` or
+    ``fs.close()`` to hand a worker back; whatever is still out is stopped at session end.
+    """
+    lent: list[Any] = []
+
+    def factory(
+        root: str | os.PathLike[str] | None = None,
+        policy: Any = None,
+        proxy: Any = None,
+        *,
+        user: int | None = None,
+    ) -> Any:
+        worker = _sandbox_fs_pool.acquire(root, policy, proxy, user=user)
+        lent.append(worker)
+        return worker
+
+    yield factory
+    for worker in lent:
+        worker.close()
+
+
+@pytest.fixture
+def sandbox_egress_proxy(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """An ``EgressProxy`` (HTTP CONNECT + plain HTTP) on 127.0.0.1: ``port``, ``url``, ``env()``,
+    ``requests`` (method, host, port, target, status), ``allows(host)``, ``set_allow([...])``.
+
+    Hosts not in the allow list get 403. The allow list starts empty, or as the indirect
+    parameter: ``@pytest.mark.parametrize("sandbox_egress_proxy", [["127.0.0.1"]],
+    indirect=True)``. Pass it to ``sandbox_fs_factory(proxy=...)`` with a policy that has
+    ``net``: the worker may then connect to the proxy's port only.
+    """
+    from pytest_sandbox.fsworker.proxy import EgressProxy
+
+    proxy = EgressProxy(allow=getattr(request, "param", ()))
+    proxy.start()
+    yield proxy
+    proxy.close()
+
+
 # === bundles fixtures ===
 
 
@@ -490,6 +567,87 @@ def sandbox_data_store(
 
 
 # === workspace fixtures ===
+
+
+@pytest.fixture(scope="session")
+def sandbox_ssh_host(sandbox_run: RunContext, _sandbox_session_tracker: Tracker) -> Iterator[Any]:
+    """``SSHHost``: a real ``sshd`` on 127.0.0.1 with generated host and user keys, for this
+    session: ``host``, ``port``, ``user``, ``key_path``, ``known_hosts``, ``ssh_argv(...)``,
+    ``guest()``. Stopped (and its keys removed) at session end, or by the reaper."""
+    from pytest_sandbox.workspace.sshd import SSHHost
+
+    host = SSHHost(
+        tracker=_sandbox_session_tracker,
+        log_dir=sandbox_run.log_dir,
+        socket_dir=sandbox_run.socket_dir,
+    )
+    yield host
+    host.close()
+
+
+def _guest_backend(request: pytest.FixtureRequest, settings: SandboxSettings) -> str:
+    if settings.guest:
+        return settings.guest
+    if settings.docker == "off":
+        return "local"
+    try:  # the default is a container where an engine answers
+        request.getfixturevalue("sandbox_docker")
+    except pytest.skip.Exception:
+        return "local"
+    return "container"
+
+
+@pytest.fixture
+def sandbox_guest(
+    request: pytest.FixtureRequest,
+    sandbox_settings: SandboxSettings,
+    sandbox_run: RunContext,
+    _sandbox_tracker: Tracker,
+) -> Iterator[Any]:
+    """A ``Guest`` of the backend chosen by ``--sandbox-guest`` (``local``, ``container``,
+    ``ssh``; default: ``container`` where an engine answers, else ``local``):
+    ``run(argv, stdin=..., timeout=...) -> ExecResult``, ``put_tar(stream, path)``,
+    ``read_file(path)``, ``default_workspace_path``. Torn down with the test (kept under
+    ``--sandbox-keep``)."""
+    from pytest_sandbox.workspace import guests
+
+    backend = _guest_backend(request, sandbox_settings)
+    guest: Any
+    if backend == "container":
+        image = request.getfixturevalue("sandbox_image")("debian-git")
+        guest = guests.ContainerGuest(
+            request.getfixturevalue("sandbox_docker"),
+            image,
+            tracker=_sandbox_tracker,
+            nodeid=request.node.nodeid,
+        )
+    elif backend == "ssh":
+        guest = request.getfixturevalue("sandbox_ssh_host").guest(tracker=_sandbox_tracker)
+    else:
+        guest = guests.LocalGuest(base_dir=sandbox_run.run_dir / "guests", tracker=_sandbox_tracker)
+    yield guest
+    _finish(request, guest.close, guest.keep)
+
+
+@pytest.fixture
+def sandbox_workspace(
+    request: pytest.FixtureRequest, sandbox_run: RunContext, _sandbox_tracker: Tracker
+) -> Iterator[Callable[..., Any]]:
+    """Factory ``(repo, *, guest=None, mode="clone", branch=None, from_ref=None,
+    include_untracked=False, dry_run=False, guest_path=None) -> PreparedWorkspace``.
+
+    Prepares the host repo in ``guest`` (default: ``sandbox_guest``); ``.export()`` returns
+    the guest's changes as a binary patch. ``dry_run=True`` returns the plan (``mode``,
+    ``files``) and touches no guest; refusals raise ``WorkspaceRefused`` subclasses first."""
+    from pytest_sandbox.workspace.workspace import Workspaces
+
+    workspaces = Workspaces(
+        lambda: request.getfixturevalue("sandbox_guest"),
+        tracker=_sandbox_tracker,
+        staging_dir=sandbox_run.run_dir / "workspace-staging",
+    )
+    yield workspaces
+    workspaces.close()
 
 
 # === launcher fixtures ===
