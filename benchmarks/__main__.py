@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -71,7 +72,7 @@ def main() -> int:
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "machine": {
                     "python": platform.python_version(),
-                    "cpus": __import__("os").cpu_count(),
+                    "cpus": os.cpu_count(),
                     "kernel": platform.release(),
                 },
                 "seconds": round(time.monotonic() - started, 1),
