@@ -10,9 +10,29 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import pids_alive, wait_until
+import psutil
+
 from pytest_sandbox.launcher import BackendIdentity
 from pytest_sandbox.runtime.ledger import Ledger
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true within {timeout}s"
+        time.sleep(0.02)
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
 
 INNER = """
 import json, os, time
@@ -39,9 +59,7 @@ def _start(inner_pytest, tmp_path: Path, *extra: str):
     test_file = tmp_path / "test_inner_backends.py"
     test_file.write_text(INNER)
     out = tmp_path / "identities.json"
-    inner = inner_pytest(
-        str(test_file), "-q", "-p", "no:randomly", *extra, env={"LAUNCHER_OUT": str(out)}
-    )
+    inner = inner_pytest(str(test_file), "-q", *extra, env={"LAUNCHER_OUT": str(out)})
     inner.wait_for_file(out, timeout=60)
     identities = [BackendIdentity.from_dict(d) for d in json.loads(out.read_text())]
     assert len(pids_alive([i.pid for i in identities])) == 3
