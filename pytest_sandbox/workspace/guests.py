@@ -615,7 +615,7 @@ class ContainerGuest:
     Created through :meth:`Engine.create_container` (labelled, ledger row first), started
     with ``sleep infinity`` under ``--init``; networking is off unless ``network=True``;
     ``tmpfs_tmp=True`` mounts a tmpfs on ``/tmp``. Commands are ``exec``s with stdin streamed
-    over the hijacked connection; ``put_tar`` is the archive API (``put_archive``), streamed.
+    over the hijacked connection; ``put_tar`` streams into the container's ``tar -x``.
     ``close()`` removes the container (force), which aborts anything in flight.
     """
 
@@ -764,24 +764,14 @@ class ContainerGuest:
         return ExecResult(-1 if code is None else int(code), b"".join(out), b"".join(err))
 
     def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
-        """Unpack a tar stream at ``path`` with the archive API (``path`` created if missing)."""
-        api = self.engine.client.api
+        """Unpack a tar stream at ``path`` (created if missing) with the container's ``tar``.
 
-        def chunks() -> Iterator[bytes]:
-            for chunk in iter_chunks(stream):
-                if self._closed.is_set():
-                    raise GuestClosed(f"{self!r} was removed while a tar stream was sent")
-                yield chunk
-
-        self.run(["mkdir", "-p", "--", path], timeout=timeout).check(f"{self!r}: mkdir {path}")
-        try:
-            ok = api.put_archive(self.id, path, chunks())
-        except GuestClosed:
-            raise
-        except Exception as exc:
-            raise self._api_error(exc, f"unpacking a tar stream into {path}") from exc
-        if not ok:
-            raise GuestError(f"{self!r}: the engine refused the tar stream for {path}")
+        Not the archive API: ``put_archive`` refuses a relative symlink pointing outside the
+        target dir, which a repository may legitimately hold (it is copied as a link).
+        """
+        self.run(script_argv(_PUT_TAR, path), stdin=stream, timeout=timeout).check(
+            f"{self!r}: unpacking a tar stream into {path}"
+        )
 
     def read_file(self, path: str) -> bytes:
         return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output

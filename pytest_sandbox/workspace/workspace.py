@@ -378,16 +378,19 @@ def prepare_workspace(
     staging_dir: Path | None = None,
     timeout: float = 600.0,
     progress: Callable[[int], None] | None = None,
+    plan: WorkspacePlan | None = None,
 ) -> PreparedWorkspace | WorkspacePlan:
     """Prepare ``repo`` in ``guest``; with ``dry_run=True`` return the plan, touching no guest.
 
     Refusals (:class:`~pytest_sandbox.errors.WorkspaceRefused` subclasses) come before any
     guest I/O, except :class:`~pytest_sandbox.errors.GuestPathInUse` (the guest path exists
-    and is not empty; nothing in it is changed).
+    and is not empty; nothing in it is changed). ``plan`` reuses a plan computed before.
+    ``progress`` is called with the size of every chunk of the tar stream.
     """
-    plan = plan_workspace(
-        repo, mode=mode, branch=branch, from_ref=from_ref, include_untracked=include_untracked
-    )
+    if plan is None:
+        plan = plan_workspace(
+            repo, mode=mode, branch=branch, from_ref=from_ref, include_untracked=include_untracked
+        )
     if dry_run:
         return plan
     if guest is None:
@@ -395,7 +398,7 @@ def prepare_workspace(
     dest = _check_guest_path(guest_path or guest.default_workspace_path)
     info = plan.repo
     # the branch the guest ends on: the one asked for, else the host's (unless from_ref)
-    target_branch = branch or (info.current_branch if from_ref is None else None) or ""
+    target_branch = plan.branch or (info.current_branch if plan.from_ref is None else None) or ""
     stage = f"{os.path.dirname(dest)}/.psb-prepare-{secrets.token_hex(6)}"
     staging = _Staging(staging_dir, tracker)
     try:
@@ -455,7 +458,7 @@ def prepare_workspace(
         head_commit=info.head_commit,
         current_branch=info.current_branch,
         branch=target_branch or None,
-        from_ref=from_ref,
+        from_ref=plan.from_ref,
         files=plan.files,
     )
 
@@ -463,3 +466,59 @@ def prepare_workspace(
 def direct_diff_argv(guest_path: str, base: str) -> list[str]:
     """``git diff --binary <base>`` in the workspace: the baseline the export is measured by."""
     return script_argv('cd -- "$1" && shift && exec "$@"', guest_path, *_DIFF_ONLY, base)
+
+
+class Workspaces:
+    """The ``sandbox_workspace`` factory: ``(repo, *, guest=None, mode="clone", branch=None,
+    from_ref=None, include_untracked=False, dry_run=False, guest_path=None)``.
+
+    ``guest=None`` uses ``default_guest()`` (called only once a plan exists, so a refusal or a
+    dry run never creates a guest). Host staging dirs go to ``staging_dir`` and are ledger rows.
+    """
+
+    def __init__(
+        self,
+        default_guest: Callable[[], Guest],
+        *,
+        tracker: ResourceTracker | None = None,
+        staging_dir: Path | None = None,
+    ) -> None:
+        self._default_guest = default_guest
+        self._tracker = tracker
+        self.staging_dir = staging_dir
+        self.prepared: list[PreparedWorkspace] = []
+
+    def __call__(
+        self,
+        repo: Path | str,
+        *,
+        guest: Guest | None = None,
+        mode: str = "clone",
+        branch: str | None = None,
+        from_ref: str | None = None,
+        include_untracked: bool = False,
+        dry_run: bool = False,
+        guest_path: str | None = None,
+        timeout: float = 600.0,
+    ) -> Any:
+        plan = plan_workspace(
+            repo, mode=mode, branch=branch, from_ref=from_ref, include_untracked=include_untracked
+        )
+        if dry_run:
+            return plan
+        prepared = prepare_workspace(
+            repo,
+            guest if guest is not None else self._default_guest(),
+            guest_path=guest_path,
+            tracker=self._tracker,
+            staging_dir=self.staging_dir,
+            timeout=timeout,
+            plan=plan,
+        )
+        assert isinstance(prepared, PreparedWorkspace)
+        self.prepared.append(prepared)
+        return prepared
+
+    def close(self) -> None:
+        """Nothing to undo: workspaces live in their guests, which are torn down separately."""
+        self.prepared.clear()
