@@ -138,6 +138,7 @@ class FsWorker:
         request_timeout: float = 60.0,
         grace: float = DEFAULT_GRACE,
         allow_debug: bool = False,
+        frame_timeout: float | None = None,
         argv: Sequence[str] | None = None,
     ) -> None:
         if kernel not in ("auto", "require", "off"):
@@ -152,6 +153,7 @@ class FsWorker:
         self.request_timeout = request_timeout
         self.grace = grace
         self.allow_debug = allow_debug
+        self.frame_timeout = frame_timeout
         self._argv_override = list(argv) if argv is not None else None
         self._fresh_root = root is None
         self._root = Path(root) if root is not None else None
@@ -215,6 +217,8 @@ class FsWorker:
             argv += ["--proxy-port", str(self.proxy.port)]
         if self.allow_debug:
             argv.append("--allow-debug")
+        if self.frame_timeout is not None:
+            argv += ["--frame-timeout", str(self.frame_timeout)]
         return argv
 
     def env(self) -> dict[str, str]:

@@ -89,6 +89,14 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     for name in ("--uid", "--gid", "--proxy-port"):
         if name in parsed and not parsed[name].isdigit():
             raise Usage(f"{name} must be a non-negative integer, got {parsed[name]!r}")
+    if "--frame-timeout" in parsed:
+        try:
+            if not float(parsed["--frame-timeout"]) > 0:
+                raise ValueError
+        except ValueError:
+            raise Usage(
+                f"--frame-timeout must be a positive number, got {parsed['--frame-timeout']!r}"
+            ) from None
     return parsed
 
 
