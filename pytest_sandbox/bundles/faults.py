@@ -306,8 +306,8 @@ def deliver(
     if name == "reset" and params["after"] is None:
         wire.reset()
         return False
-    wire.send(head)
     if not isinstance(body, bytes):
+        wire.send(head)
         # streamed (endless) body: delimited by close
         for chunk in body:
             if wire.stop.is_set():
@@ -316,6 +316,12 @@ def deliver(
         wire.finish()
         return False
     view = memoryview(body)
+    if name is None or name == "header_delay":
+        wire.send(head + body if len(body) <= 65536 else head)
+        if len(body) > 65536:
+            wire.send(view)
+        return True
+    wire.send(head)
     if name == "trickle":
         step, interval = max(1, int(params["chunk"])), float(params["interval"])
         for start in range(0, len(view), step):

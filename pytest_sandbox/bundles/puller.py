@@ -470,7 +470,8 @@ class BundlePuller:
             raise self._timeout_error(deadline, what) from exc
         except http.client.IncompleteRead as exc:
             conn.close()
-            raise FileSizeMismatch(
+            error = FetchFailed if what == "manifest" else FileSizeMismatch
+            raise error(
                 f"{what} from {self.url}: the body ended early ({exc.partial!r:.40} …); "
                 "the connection was cut. The next tick retries.",
             ) from exc
@@ -504,6 +505,12 @@ class BundlePuller:
             if not chunk:
                 break
             data += chunk
+        if response.length:  # read1 says b"" at a premature EOF instead of raising
+            conn.close()
+            raise FetchFailed(
+                f"manifest from {self.url}: the body ended {response.length} bytes short of "
+                "its Content-Length (connection cut). The next tick retries.",
+            )
         if len(data) > cap:
             conn.close()
             raise ManifestInvalid(
@@ -667,11 +674,13 @@ class BundlePuller:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if self.fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.root / "state.json")
-        _fsync_dir(self.root)
+        if self.fsync:
+            _fsync_dir(self.root)
 
     # --- side effects -------------------------------------------------------------------
 
