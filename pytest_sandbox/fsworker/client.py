@@ -181,6 +181,7 @@ class FsWorker:
         #: Set by a pool while the worker is lent out: close() hands it back, keep() forgets it.
         self._pool: PoolLike | None = None
         self._own_proxy: Any = None
+        self._pool_key: Any = None
 
     # --- properties -------------------------------------------------------------------------
 
@@ -469,8 +470,9 @@ class FsWorker:
             return
         self.terminate()
 
-    def terminate(self) -> None:
-        """Stop the worker for good (what ``close()`` does outside a pool)."""
+    def terminate(self, *, keep: bool = False) -> None:
+        """Stop the worker for good (what ``close()`` does outside a pool); ``keep`` leaves the
+        root and marks the ledger row kept instead of released."""
         if self._closed:
             return
         self._closed = True
@@ -497,12 +499,15 @@ class FsWorker:
                 popen.wait()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        if self._fresh_root and self._root is not None:
+        if self._fresh_root and self._root is not None and not keep:
             shutil.rmtree(self._root, ignore_errors=True)
         if self._own_proxy is not None:
             self._own_proxy.close()
         if self._tracked is not None:
-            self._tracked.released()
+            if keep:
+                self._tracked.kept()
+            else:
+                self._tracked.released()
 
     def handover(self) -> FsWorker:
         """Move the live worker to a new handle; this one is closed for its holder.
@@ -530,16 +535,17 @@ class FsWorker:
         return True
 
     def keep(self) -> None:
-        """Leave the worker running and mark its ledger row kept (``--sandbox-keep``)."""
+        """Keep the evidence (``--sandbox-keep``): the root and the log stay, the row is marked
+        kept (``pytest-sandbox reap --kept`` removes them later).
+
+        The process itself cannot outlive its one connection, so it is stopped as by close().
+        """
         if self._closed:
             return
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.forget(self)
-        self._closed = True
-        self._drop_connection()
-        if self._tracked is not None:
-            self._tracked.kept()
+        self.terminate(keep=True)
 
     def __enter__(self) -> FsWorker:
         if self._popen is None:

@@ -110,6 +110,7 @@ class FsWorkerPool:
             **options,
         )
         worker.start()
+        worker._pool_key = key
         with self._lock:
             self._all[id(worker)] = worker
             self.stats["spawned"] += 1
@@ -211,13 +212,7 @@ class FsWorkerPool:
             self._all.pop(id(worker), None)
 
     def _reset(self, worker: FsWorker) -> None:
-        key = self._key(
-            None if worker._fresh_root else worker.root,
-            worker.policy,
-            worker.proxy if worker._own_proxy is None else None,
-            worker.kernel,
-            worker.user,
-        )
+        key: BucketKey = worker._pool_key
         reason = self._unusable(worker)
         if reason is None and worker._fresh_root:
             try:

@@ -617,6 +617,7 @@ def serve(conn: socket.socket, worker: Worker, frame_timeout: float) -> None:
             except OSError:
                 return
             if exc.fatal:
+                _linger(conn)
                 return
             continue
         except OSError:
@@ -630,6 +631,26 @@ def serve(conn: socket.socket, worker: Worker, frame_timeout: float) -> None:
             conn.sendall(data)
         except OSError:
             return
+
+
+def _linger(conn: socket.socket, budget: int = 1 << 20, seconds: float = 0.2) -> None:
+    """Before closing on a fatal frame: let the peer read our error reply.
+
+    Closing with unread input makes the kernel reset the connection, and the reply is lost;
+    so half-close, then discard a bounded amount of input for a bounded time.
+    """
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        while budget > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            conn.settimeout(left)
+            chunk = conn.recv(min(budget, 65536))
+            if not chunk:
+                return
+            budget -= len(chunk)
 
 
 def _fail(code: int, message: str) -> int:
