@@ -771,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--journal")
     parser.add_argument("--no-fsync", action="store_true")
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to hold the lock")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds between ticks")
     args = parser.parse_args(argv)
     key = os.environ.get(KEY_ENV, "")
     journal = args.journal
@@ -791,7 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         fsync=not args.no_fsync,
         step_hook=hook,
     )
-    for _ in range(args.ticks):
+    for i in range(args.ticks):
+        if i and args.interval:
+            time.sleep(args.interval)
         print(json.dumps(puller.tick().to_dict()), flush=True)
     return 0
 
