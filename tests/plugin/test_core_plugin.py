@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -253,12 +254,15 @@ def test_no_process_left_after_factory_error(
         from pytest_sandbox.errors import ReadinessTimeout
         def test_timeout(sandbox_process):
             with pytest.raises(ReadinessTimeout):
-                sandbox_process(["sleep", "60"], ready="never", timeout=0.2)
+                sandbox_process(["sleep", "61.4321"], ready="never", timeout=0.2)
     """)
-    before = {p.pid for p in psutil.process_iter()}
     result = pytester.runpytest_subprocess("-p", "no:xdist")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["sandbox: 1 created, 1 released, 0 reaped, 0 kept, 0 leaked"])
-    leftovers = [p for p in psutil.process_iter() if p.pid not in before and "sleep" in p.name()]
+    leftovers = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.cmdline() == ["sleep", "61.4321"]:
+                leftovers.append(proc)
     assert leftovers == []
     assert ledger_rows() == []
