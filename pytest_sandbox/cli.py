@@ -135,7 +135,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from pytest_sandbox.containers import images
 
-    print(images.build_image(args.name))
+    print(images.build_image(args.name, state_dir=_state_dir(args)))
     return EXIT_OK
 
 

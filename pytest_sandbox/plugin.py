@@ -87,6 +87,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     if not state.run.is_controller:
         return
     state.swept = reaper_mod.sweep_ledger(state.ledger, current_run_id=state.run.run_id)
+    reaper_mod.prune_old_runs(state.ledger, state.settings.state_dir)
     sweepers = SWEEPERS if state.settings.docker != "off" else ()
     if state.settings.reaper:
         state.reaper = reaper_mod.start_reaper(

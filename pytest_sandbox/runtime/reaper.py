@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -166,6 +167,28 @@ def sweep(
         )
     )
     return report
+
+
+RETENTION = 7 * 24 * 3600.0
+
+
+def prune_old_runs(ledger: Ledger, state_dir: Path, *, older_than: float = RETENTION) -> int:
+    """Remove run dirs (logs, records) and summary events older than ``older_than`` seconds,
+    except those of runs that still have rows (a kept resource's logs stay). Returns how many
+    run dirs were removed."""
+    cutoff = time.time() - older_than
+    ledger.prune_events(cutoff)
+    live_runs = {row.run_id for row in ledger.rows()}
+    removed = 0
+    runs = state_dir / "runs"
+    if not runs.is_dir():
+        return 0
+    for run_dir in runs.iterdir():
+        with contextlib.suppress(OSError):
+            if run_dir.name not in live_runs and run_dir.stat().st_mtime < cutoff:
+                shutil.rmtree(run_dir)
+                removed += 1
+    return removed
 
 
 # --- the reaper process --------------------------------------------------------------

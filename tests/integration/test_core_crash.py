@@ -234,3 +234,53 @@ def test_shared_resource_once_per_run_survives_creator_released_at_end(
     inner.wait(60)
     assert pids_alive([pid]) == []
     assert live_rows(state_dir) == []
+
+
+WORKER_CRASH_TEST = """
+import os, time
+from pathlib import Path
+
+def test_victim(sandbox_process):
+    p = sandbox_process(["sleep", "300"])
+    Path(os.environ["VICTIM_FILE"]).write_text(f"{p.pid} {os.getpid()}")
+    time.sleep(300)
+
+def test_survivor(sandbox_process):
+    p = sandbox_process(["sleep", "300"])
+    Path(os.environ["SURVIVOR_FILE"]).write_text(f"{p.pid} {os.getpid()}")
+    deadline = time.time() + 60
+    while not Path(os.environ["GO_FILE"]).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(p.pid, 0)
+"""
+
+
+def test_xdist_worker_crash_is_reaped_while_the_run_goes_on(
+    inner_pytest: Callable[..., InnerPytest], tmp_path: Path, state_dir: Path
+) -> None:
+    (tmp_path / "test_crash.py").write_text(WORKER_CRASH_TEST)
+    victim_file, survivor_file, go_file = (tmp_path / n for n in ("victim", "survivor", "go"))
+    inner = inner_pytest(
+        "-n",
+        "2",
+        "test_crash.py",
+        env={
+            "VICTIM_FILE": str(victim_file),
+            "SURVIVOR_FILE": str(survivor_file),
+            "GO_FILE": str(go_file),
+        },
+    )
+    inner.wait_for_file(victim_file)
+    inner.wait_for_file(survivor_file)
+    victim_pid, victim_worker = map(int, victim_file.read_text().split())
+    survivor_pid, survivor_worker = map(int, survivor_file.read_text().split())
+    assert victim_worker != survivor_worker
+    os.kill(victim_worker, signal.SIGKILL)
+    took = wait_until(lambda: not pids_alive([victim_pid]), 2.0, interval=0.01)
+    print(f"worker crash clean-up took {took * 1000:.0f} ms")
+    assert pids_alive([survivor_pid]) == [survivor_pid], "another worker's process was touched"
+    go_file.write_text("go")
+    inner.wait(60)
+    assert pids_alive([survivor_pid]) == []
+    assert live_rows(state_dir) == []
+    assert "0 leaked" in inner.text()

@@ -296,3 +296,28 @@ def test_wait_for_retries_transient_errors() -> None:
 
     wait_for(flaky, timeout=5)
     assert len(calls) == 3
+
+
+def test_prune_old_runs_spares_recent_and_live_runs(tmp_path: Path) -> None:
+    import os
+
+    from pytest_sandbox.runtime.reaper import prune_old_runs
+
+    ledger = Ledger.in_state_dir(tmp_path)
+    runs = tmp_path / "runs"
+    for name in ("old", "recent", "old-with-kept"):
+        (runs / name / "logs").mkdir(parents=True)
+    long_ago = time.time() - 30 * 24 * 3600
+    for name in ("old", "old-with-kept"):
+        os.utime(runs / name, (long_ago, long_ago))
+    rid = ledger.add(
+        "t",
+        "k",
+        run_id="old-with-kept",
+        worker="master",
+        owner=ProcessIdentity.current(),
+        releaser="x:y",
+    )
+    ledger.mark_kept(rid)
+    assert prune_old_runs(ledger, tmp_path) == 1
+    assert sorted(p.name for p in runs.iterdir()) == ["old-with-kept", "recent"]
