@@ -137,6 +137,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_tree(top: Path) -> None:
+    """Make every file and dir under ``top`` durable before it is renamed into place.
+
+    One ``syncfs`` flushes the filesystem once (64 per-file fsyncs cost 64 device flushes);
+    per-file ``fsync`` is the fallback where ``syncfs`` is missing.
+    """
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd):
+            return
+    finally:
+        os.close(fd)
+    for directory, _, names in os.walk(top):
+        for name in names:
+            file_fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(file_fd)
+            finally:
+                os.close(file_fd)
+        _fsync_dir(Path(directory))
+
+
+def _syncfs(fd: int) -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.syncfs(fd) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
 class BundlePuller:
     """Installs a tenant's bundle from a bundle server into ``root``, safely and atomically.
 
@@ -567,8 +599,6 @@ class BundlePuller:
                     f"{what}: the body goes on past the declared {entry.size} bytes "
                     "(endless data). Reading stopped at the declared size.",
                 )
-            if self.fsync:
-                os.fsync(fd)
         finally:
             os.close(fd)
         self._done(conn, response)
@@ -585,8 +615,7 @@ class BundlePuller:
     def _install(self, manifest: Manifest, version: Version, state: _State, staging: Path) -> None:
         ts = manifest.bundle_ts
         if self.fsync:
-            for directory, _, _ in os.walk(staging):
-                _fsync_dir(Path(directory))
+            _sync_tree(staging)
         self.bundles_dir.mkdir(exist_ok=True)
         dest = self.bundles_dir / ts
         if dest.exists() or dest.is_symlink():
@@ -674,8 +703,6 @@ class BundlePuller:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, data)
-            if self.fsync:
-                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.root / "state.json")
