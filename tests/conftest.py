@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pytest_sandbox.runtime.identity import ProcessIdentity
 from pytest_sandbox.runtime.ledger import Ledger
 
 
@@ -45,6 +46,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def dead_identity() -> ProcessIdentity:
+    """The identity of a process that has exited (an owner that is provably dead)."""
+    proc = subprocess.Popen(["sleep", "5"])
+    ident = ProcessIdentity.of(proc.pid)
+    proc.kill()
+    proc.wait()
+    return ident
 
 
 def pids_alive(pids: list[int]) -> list[int]:

@@ -86,27 +86,28 @@ class SharedResource:
 
         Returns True when the resource was destroyed.
         """
-        holder = holder or self.run.worker_id
+        return self._drop(destroy, holder or self.run.worker_id, final=final)
+
+    def finish(self, destroy: Callable[[Any], None]) -> bool:
+        """Destroy the resource whatever its holders (run end, every worker gone)."""
+        return self._drop(destroy, None, final=True, force=True)
+
+    def _drop(
+        self,
+        destroy: Callable[[Any], None],
+        holder: str | None,
+        *,
+        final: bool,
+        force: bool = False,
+    ) -> bool:
         with self._lock:
             state = self._read()
             if state is None:
                 return False
             if holder in state["holders"]:
                 state["holders"].remove(holder)
-            if state["holders"] or not final:
+            if not force and (state["holders"] or not final):
                 self._write(state)
-                return False
-            try:
-                destroy(state["value"])
-            finally:
-                self._write(None)
-            return True
-
-    def finish(self, destroy: Callable[[Any], None]) -> bool:
-        """Destroy the resource whatever its holders (run end, every worker gone)."""
-        with self._lock:
-            state = self._read()
-            if state is None:
                 return False
             try:
                 destroy(state["value"])

@@ -10,7 +10,7 @@ from pathlib import Path
 from pytest_sandbox.runtime.identity import ProcessIdentity
 from pytest_sandbox.runtime.ledger import Ledger
 from pytest_sandbox.runtime.processes import RELEASER, spawn
-from tests.conftest import pids_alive
+from tests.conftest import dead_identity, pids_alive
 
 
 def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -23,14 +23,6 @@ def cli(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def dead_owner() -> ProcessIdentity:
-    proc = subprocess.Popen(["sleep", "5"])
-    ident = ProcessIdentity.of(proc.pid)
-    proc.kill()
-    proc.wait()
-    return ident
-
-
 def test_ls_reap_dry_run_and_reap(tmp_path: Path) -> None:
     ledger = Ledger.in_state_dir(tmp_path)
     orphan = spawn(["sleep", "60"], log_path=tmp_path / "o.log", token="tok-cli")
@@ -39,7 +31,7 @@ def test_ls_reap_dry_run_and_reap(tmp_path: Path) -> None:
         "orphan sleep",
         run_id="deadrun",
         worker="master",
-        owner=dead_owner(),
+        owner=dead_identity(),
         releaser=RELEASER,
         details={
             "token": "tok-cli",

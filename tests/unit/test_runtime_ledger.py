@@ -21,6 +21,7 @@ from pytest_sandbox.runtime.reaper import sweep_ledger
 from pytest_sandbox.runtime.run import RunContext, socket_dir_problem
 from pytest_sandbox.runtime.shared import SharedResource
 from pytest_sandbox.runtime.waiting import HttpStatus, LogRegex, TcpPort, UnixSocket, wait_for
+from tests.conftest import dead_identity
 
 RELEASED: list[dict[str, Any]] = []
 
@@ -31,14 +32,6 @@ def record_release(details: dict[str, Any]) -> None:
     marker = details.get("marker")
     if marker:
         Path(marker).write_text("released")
-
-
-def dead_identity() -> ProcessIdentity:
-    proc = subprocess.Popen(["sleep", "5"])
-    ident = ProcessIdentity.of(proc.pid)
-    proc.kill()
-    proc.wait()
-    return ident
 
 
 def test_add_update_remove_and_counts(tmp_path: Path) -> None:
