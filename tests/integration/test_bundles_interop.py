@@ -143,3 +143,39 @@ def test_curl_sees_a_truncated_body(server: BundleServer, tmp_path: Path) -> Non
         timeout=30,
     )
     assert proc.returncode == 18  # CURLE_PARTIAL_FILE: the socket really closed early
+
+
+def test_serve_dir_serves_a_directory_until_ctrl_c(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from pytest_sandbox.runtime.waiting import LogRegex, wait_for
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.md").write_bytes(b"served")
+    (src / ".bundle-version").write_text("0.4.7\n")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    code = (
+        "import sys; from pytest_sandbox.bundles.server import serve_dir; "
+        f"sys.exit(serve_dir({str(src)!r}, host='127.0.0.1', port={port}, api_key='k'))"
+    )
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        wait_for(LogRegex(log, "Ctrl-C to stop"), timeout=20, what="serve_dir", process=proc)
+        puller = BundlePuller(f"http://127.0.0.1:{port}", "k", tmp_path / "root")
+        result = puller.tick()
+        assert result.status == "installed", result.reason
+        assert result.version == "0.4.7"
+        assert (puller.current / "sub" / "a.md").read_bytes() == b"served"
+        assert not (puller.current / ".bundle-version").exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

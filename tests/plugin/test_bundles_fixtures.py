@@ -72,5 +72,10 @@ def test_fixture_docs_show_in_pytest_fixtures(pytester: pytest.Pytester, state_d
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess("--fixtures", "-p", "no:xdist")
     result.stdout.fnmatch_lines(
-        ["*sandbox_bundle_server*", "*fresh for this test*", "*sandbox_bundle_puller*", "*sandbox_sidecar*"]
+        [
+            "*sandbox_bundle_server*",
+            "*fresh for this test*",
+            "*sandbox_bundle_puller*",
+            "*sandbox_sidecar*",
+        ]
     )

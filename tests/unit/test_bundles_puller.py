@@ -195,7 +195,7 @@ def test_close_is_prompt_with_a_stalled_client_and_idempotent(tmp_path: Path) ->
     server.close()
     server.close()
     assert time.monotonic() - started < 5
-    with pytest.raises(OSError):
+    with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1)
     sock.close()
 
