@@ -182,6 +182,7 @@ class FsWorker:
         self._pool: PoolLike | None = None
         self._own_proxy: Any = None
         self._pool_key: Any = None
+        self._reader: protocol.FrameReader | None = None
 
     # --- properties -------------------------------------------------------------------------
 
@@ -353,6 +354,7 @@ class FsWorker:
                 continue
             sock.settimeout(None)
             self._sock = sock
+            self._reader = protocol.FrameReader(sock)
             return
 
     # --- requests ---------------------------------------------------------------------------
@@ -360,16 +362,16 @@ class FsWorker:
     def request(self, message: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
         """Send one request and return the worker's reply as it is (errors included)."""
         with self._lock:
-            sock = self._sock
-            if sock is None:
+            sock, reader = self._sock, self._reader
+            if sock is None or reader is None:
                 raise FsWorkerError(
                     f"fs worker {self.socket_path} is not connected (closed or never started)"
                 )
             self.requests += 1
             try:
                 protocol.write_frame(sock, message)
-                reply = protocol.read_frame(
-                    sock, wait_timeout=timeout if timeout is not None else self.request_timeout
+                reply = reader.read(
+                    wait_timeout=timeout if timeout is not None else self.request_timeout
                 )
             except (OSError, protocol.ConnectionClosed, protocol.FrameError) as exc:
                 self.tainted = True

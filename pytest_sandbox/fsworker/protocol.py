@@ -37,6 +37,10 @@ REQUEST_KINDS = (
 )
 
 
+#: One encoder for every frame (``json.dumps`` with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 class FrameError(Exception):
     """A frame could not be read or decoded.
 
@@ -55,7 +59,7 @@ class ConnectionClosed(Exception):
 
 def encode(message: dict[str, Any]) -> bytes:
     """One frame for ``message`` (raises ``ValueError`` when it is over :data:`MAX_FRAME`)."""
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body = _ENCODER.encode(message).encode("utf-8")
     if len(body) > MAX_FRAME:
         raise ValueError(f"frame of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
     return HEADER.pack(len(body)) + body
@@ -133,6 +137,69 @@ def read_frame(
     body = _recv_exact(sock, size, deadline, "body") if size else b""
     sock.settimeout(None)
     return decode_body(body)
+
+
+class FrameReader:
+    """Buffered frame reader for one connection: a small request usually costs one ``recv``.
+
+    Same contract as :func:`read_frame`; bytes after a frame stay buffered for the next one.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._timeout: float | None = sock.gettimeout()
+
+    def _settimeout(self, value: float | None) -> None:
+        if value != self._timeout:
+            self.sock.settimeout(value)
+            self._timeout = value
+
+    def _fill(self, deadline: float | None, what: str) -> None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FrameError(f"timed out inside a frame ({what})", fatal=True)
+            self._settimeout(left)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            raise FrameError(f"timed out inside a frame ({what})", fatal=True) from None
+        if not chunk:
+            raise FrameError(
+                f"connection closed inside a frame ({what}: {len(self._buf)} bytes read)",
+                fatal=True,
+            )
+        self._buf += chunk
+
+    def read(
+        self, *, frame_timeout: float | None = 10.0, wait_timeout: float | None = None
+    ) -> dict[str, Any]:
+        buf = self._buf
+        if not buf:
+            self._settimeout(wait_timeout)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionClosed()
+            buf += chunk
+        deadline: float | None = None
+        if len(buf) < HEADER.size:
+            deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+            while len(buf) < HEADER.size:
+                self._fill(deadline, "header")
+        (size,) = HEADER.unpack_from(buf)
+        if size > MAX_FRAME:
+            raise FrameError(
+                f"frame of {size} bytes refused: over the {MAX_FRAME}-byte limit", fatal=True
+            )
+        end = HEADER.size + size
+        if len(buf) < end and deadline is None and frame_timeout is not None:
+            deadline = time.monotonic() + frame_timeout
+        while len(buf) < end:
+            self._fill(deadline, "body")
+        body = bytes(buf[HEADER.size : end])
+        del buf[:end]
+        return decode_body(body)
 
 
 def write_frame(sock: socket.socket, message: dict[str, Any]) -> None:

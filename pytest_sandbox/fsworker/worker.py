@@ -606,9 +606,10 @@ def _reap_orphans() -> None:
 
 def serve(conn: socket.socket, worker: Worker, frame_timeout: float) -> None:
     """Answer frames on ``conn`` until EOF, ``shutdown`` or a stream that is out of sync."""
+    reader = protocol.FrameReader(conn)
     while not worker.stop:
         try:
-            request = protocol.read_frame(conn, frame_timeout=frame_timeout)
+            request = reader.read(frame_timeout=frame_timeout)
         except protocol.ConnectionClosed:
             return
         except protocol.FrameError as exc:
