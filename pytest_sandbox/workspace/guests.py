@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -133,7 +134,7 @@ class _ProcessGuest:
 
     def __init__(self) -> None:
         self.workspace_lock = threading.Lock()
-        self._active: set[subprocess.Popen[bytes]] = set()
+        self._active: dict[subprocess.Popen[bytes], str] = {}
         self._state_lock = threading.Lock()
         self._closed = threading.Event()
         self._tracked: Tracked = Tracked.untracked()
@@ -146,8 +147,13 @@ class _ProcessGuest:
         if self._closed.is_set():
             raise GuestClosed(f"{self!r} was closed; create a new guest to run commands")
 
-    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+    def _command(
+        self, argv: Sequence[str], env: Mapping[str, str] | None, tag: str | None
+    ) -> list[str]:
         raise NotImplementedError
+
+    def _on_timeout(self, tag: str) -> None:
+        """Called after a timed-out command's local process was killed."""
 
     def _popen_env(self) -> dict[str, str] | None:
         return None
@@ -165,7 +171,8 @@ class _ProcessGuest:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
         self._check_open()
-        command = self._command(argv, env)
+        tag = secrets.token_hex(6)
+        command = self._command(argv, env, tag)
         with self._state_lock:
             self._check_open()
             try:
@@ -182,12 +189,12 @@ class _ProcessGuest:
                 raise GuestError(
                     f"{self!r}: cannot start {command[0]!r}: {exc}. Check that it is installed."
                 ) from exc
-            self._active.add(proc)
+            self._active[proc] = tag
         try:
-            return self._communicate(proc, stdin, timeout, argv)
+            return self._communicate(proc, stdin, timeout, argv, tag)
         finally:
             with self._state_lock:
-                self._active.discard(proc)
+                self._active.pop(proc, None)
 
     def _communicate(
         self,
@@ -195,6 +202,7 @@ class _ProcessGuest:
         stdin: StdinSource,
         timeout: float,
         argv: Sequence[str],
+        tag: str,
     ) -> ExecResult:
         out: list[bytes] = []
         err: list[bytes] = []
@@ -235,6 +243,7 @@ class _ProcessGuest:
         except subprocess.TimeoutExpired:
             _kill(proc)
             proc.wait()
+            self._on_timeout(tag)
             raise GuestTimeout(
                 f"{self!r}: `{shlex.join(argv)[:200]}` ran past its {timeout:g}s timeout and "
                 "was killed. Raise timeout= or check what the command waits for."
@@ -260,12 +269,14 @@ class _ProcessGuest:
     def read_file(self, path: str) -> bytes:
         return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
 
-    def _abort_active(self) -> None:
+    def _abort_active(self) -> list[str]:
+        """Mark closed, kill local processes in flight; return the tags of those commands."""
         with self._state_lock:
             self._closed.set()
-            active = list(self._active)
+            active = dict(self._active)
         for proc in active:
             _kill(proc)
+        return list(active.values())
 
     def __enter__(self) -> Any:
         return self
@@ -375,7 +386,9 @@ class LocalGuest(_ProcessGuest):
             TOKEN_ENV: self._tracked.token,
         }
 
-    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+    def _command(
+        self, argv: Sequence[str], env: Mapping[str, str] | None, tag: str | None
+    ) -> list[str]:
         command = list(argv)
         if env:
             command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
@@ -478,9 +491,27 @@ class SSHTarget:
 
 _SSH_SCRATCH = (
     'd="$1"; [ -n "$d" ] || d="$HOME/.cache/pytest-sandbox/guests"; d="$d/$2"; '
-    'mkdir -p -- "$d" && printf %s "$d" > "$d/.psb-guest" && printf %s "$d"'
+    'mkdir -p -- "$d/.pids" && printf %s "$d" > "$d/.psb-guest" && printf %s "$d"'
 )
-_SSH_CLEAN = '[ -f "$1/.psb-guest" ] && [ "$(cat "$1/.psb-guest")" = "$1" ] && rm -rf -- "$1"; :'
+_SSH_WRAP = 'printf %s "$$" > "$1"; PSB_TAG=$1; export PSB_TAG; shift; exec "$@"'
+# kill the remote groups named in the pid files, after checking (where /proc exists) that the
+# pid still carries its tag: a recycled pid is never signalled
+_SSH_KILL = r"""
+for f in "$@"; do
+    p=$(cat "$f" 2>/dev/null) || continue
+    [ -n "$p" ] || continue
+    if [ -d /proc/self ]; then
+        tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qxF "PSB_TAG=$f" || continue
+    fi
+    kill -s KILL -- "-$p" 2>/dev/null
+done
+:
+"""
+# remove a guest's scratch dir (only when its marker names it), killing its commands first
+_SSH_CLEAN = (
+    '[ -f "$1/.psb-guest" ] && [ "$(cat "$1/.psb-guest")" = "$1" ] || exit 0\n'
+    'd=$1; set -- "$d"/.pids/*\n' + _SSH_KILL + 'rm -rf -- "$d"\n'
+)
 
 
 class SSHGuest(_ProcessGuest):
@@ -551,19 +582,37 @@ class SSHGuest(_ProcessGuest):
     def default_workspace_path(self) -> str:
         return f"{self.scratch}/repo"
 
-    def _command(self, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+    def _command(
+        self, argv: Sequence[str], env: Mapping[str, str] | None, tag: str | None
+    ) -> list[str]:
         command = list(argv)
         if env:
             command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
+        if self.scratch and tag is not None:
+            # the remote shell is its session's leader: its pid names the group to kill
+            command = script_argv(_SSH_WRAP, f"{self.scratch}/.pids/{tag}", *command)
         return [
             "ssh", *self.target.options(),
             "-o", f"ControlPath={self.control_path}", "-o", "ControlMaster=no",
             "-T", self.target.host, "--", shlex.join(command),
         ]  # fmt: skip
 
+    def _on_timeout(self, tag: str) -> None:
+        # killing the local ssh client does not reach the remote command (the master holds
+        # its pipes): kill the remote process group by the pid it wrote at start
+        self._kill_remote([tag])
+
+    def _kill_remote(self, tags: Iterable[str]) -> None:
+        pidfiles = [f"{self.scratch}/.pids/{tag}" for tag in tags]
+        if not pidfiles or not self.scratch:
+            return
+        argv = self._command(script_argv(_SSH_KILL, *pidfiles), None, None)
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+
     def close(self) -> None:
         """Abort commands in flight, remove the scratch dir, stop the master. Idempotent."""
-        self._abort_active()
+        self._kill_remote(self._abort_active())
         if self.scratch and not self._released:
             details = {**self.target.to_dict(), "scratch": self.scratch}
             release_ssh_guest({**details, "control": str(self.control_path)})

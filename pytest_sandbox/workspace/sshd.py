@@ -9,6 +9,7 @@ directory (keys, config, logs, guests' scratch dirs) is a ledger resource remove
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -258,7 +259,20 @@ def release_ssh_host(details: Mapping[str, Any]) -> None:
             return
     except OSError:
         return
+    _kill_guest_commands(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_guest_commands(root: Path) -> None:
+    """Kill commands its guests started through this sshd (their ``PSB_TAG`` names a pid file
+    under ``root``): sshd runs each session in its own session, so stopping sshd spares them."""
+    import psutil
+
+    prefix = f"{root}/"
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PSB_TAG", "").startswith(prefix):
+                proc.kill()
 
 
 RELEASER = f"{__name__}:release_ssh_host"
