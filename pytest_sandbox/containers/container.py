@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 L_IMAGE = "pytest-sandbox.image"
 L_DATA_DIR = "pytest-sandbox.data-dir"
+L_COMMAND = "pytest-sandbox.command"  # JSON argv, so recover_orphan can recreate the container
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,8 @@ class SandboxContainer:
 
     def _labels(self, role: str) -> dict[str, str]:
         out = {L_IMAGE: self.image[:200], L_DATA_DIR: self.data_dir, L_ROLE: role}
+        if self.command is not None:
+            out[L_COMMAND] = json.dumps(self.command)[:4000]
         if self.key:
             out[L_KEY] = self.key
         if self.keep_label:
@@ -557,14 +561,18 @@ class SandboxContainer:
         A missing data dir gives an empty archive. Streams: memory stays at a few MiB.
         """
         with self._stopped():
+            response = _open_archive(self.engine, self.id, self.data_dir + "/.")
             try:
-                raw, _stat = self.engine.client.api.get_archive(self.id, self.data_dir + "/.")
-                stripped = archive.rewrite(raw, strip_first=True, compress=compress)
-            except Exception as exc:
-                if not _not_found(exc):
-                    raise
-                stripped = archive.rewrite(iter([b"\0" * 1024]), compress=compress)
-            yield from stripped
+                if response is None:  # no data dir: an empty archive
+                    yield from archive.rewrite(iter([b"\0" * 1024]), compress=compress)
+                    return
+                raw = response.raw.stream(archive.CHUNK, decode_content=False)
+                yield from archive.rewrite(raw, strip_first=True, compress=compress)
+            finally:
+                # the engine holds the container while an archive streams: close it before the
+                # restart in _stopped(), also when the consumer gives up mid-stream
+                if response is not None:
+                    response.close()
 
     def export_data(self, dest: Path | str | IO[bytes], *, compress: bool | None = None) -> int:
         """Write the data dir to ``dest`` (a path, written atomically with mode 0600, or a
@@ -620,14 +628,10 @@ class SandboxContainer:
         return summary
 
     def _ensure_data_dir(self) -> None:
-        try:
-            self.engine.client.api.get_archive(self.id, self.data_dir + "/.", chunk_size=512)[
-                0
-            ].close()
+        response = _open_archive(self.engine, self.id, self.data_dir + "/.")
+        if response is not None:
+            response.close()
             return
-        except Exception as exc:
-            if not _not_found(exc):
-                raise
         parent, _, base = self.data_dir.rpartition("/")
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
@@ -656,6 +660,26 @@ class SandboxContainer:
             lock_dir=self.lock_dir,
             tracker=self.tracker,
         )
+
+
+def _open_archive(engine: Engine, ident: str, path: str) -> Any:
+    """The engine's ``GET /containers/{id}/archive`` response, streaming (None on 404).
+
+    Done by hand because the SDK's ``get_archive`` gives no way to close the response early.
+    """
+    api = engine.client.api
+    response = api._get(
+        api._url("/containers/{0}/archive", ident), params={"path": path}, stream=True
+    )
+    if response.status_code == 404:
+        response.close()
+        return None
+    try:
+        api._raise_for_status(response)
+    except BaseException:
+        response.close()
+        raise
+    return response
 
 
 def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:

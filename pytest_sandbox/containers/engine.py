@@ -519,6 +519,8 @@ def sweep_orphans(
     removed: list[str] = []
 
     def wanted(labels: Mapping[str, str]) -> bool:
+        if not labels.get(L_TOKEN):
+            return False  # not made by Engine.create_*: e.g. inheriting our image's label
         run = labels.get(L_RUN)
         if current_run_id and run == current_run_id:
             return False

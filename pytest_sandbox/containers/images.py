@@ -29,13 +29,13 @@ from typing import Any
 from filelock import FileLock
 
 from pytest_sandbox.containers import archive
-from pytest_sandbox.containers.engine import LABEL, Engine, labels_for
+from pytest_sandbox.containers.engine import LABEL, Engine
 from pytest_sandbox.errors import ImageBuildFailed, ImageUnavailable
 
 REPOSITORY = "pytest-sandbox"
 RECIPES = ("busybox", "debian-git")
 #: Bump when a recipe changes in a way its inputs do not show.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 DEBIAN_PACKAGES = ("git", "openssh-server", "ca-certificates")
 
 Progress = Callable[[str], None]
@@ -48,9 +48,10 @@ def _stderr_progress(message: str) -> None:
 
 
 def _image_labels(name: str, digest: str) -> dict[str, str]:
-    labels = labels_for(None)
-    labels.update({f"{LABEL}.image": name, f"{LABEL}.recipe": digest})
-    return labels
+    # No owner labels: an image's labels are inherited by every container made from it, and a
+    # user's container from our image must never look like an orphan of ours to the sweep.
+    # Images are cached across runs on purpose; nothing sweeps them.
+    return {LABEL: "1", f"{LABEL}.image": name, f"{LABEL}.recipe": digest}
 
 
 # --- busybox ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ preserve the volume's content, recreate the container, restore, report.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -22,7 +23,13 @@ from typing import Any
 from filelock import FileLock
 
 from pytest_sandbox.containers import archive
-from pytest_sandbox.containers.container import L_DATA_DIR, L_IMAGE, SandboxContainer
+from pytest_sandbox.containers.container import (
+    L_COMMAND,
+    L_DATA_DIR,
+    L_IMAGE,
+    SandboxContainer,
+    _open_archive,
+)
 from pytest_sandbox.containers.engine import L_KEY, L_ROLE, LABEL, Engine
 from pytest_sandbox.errors import SnapshotError
 
@@ -161,7 +168,10 @@ class DataStore:
             chunks = _export_volume(engine, volume["Name"], data_dir)
             archive.write_atomic(chunks, backup)
         factory = self.factory or (lambda img, **kw: SandboxContainer(engine, img, **kw).launch())
-        container = factory(image, key=key, data_dir=data_dir)
+        options: dict[str, Any] = {"key": key, "data_dir": data_dir}
+        if labels.get(L_COMMAND):
+            options["command"] = json.loads(labels[L_COMMAND])
+        container = factory(image, **options)
         self.restore(container, key)
         removed = False
         with contextlib.suppress(Exception):
@@ -186,10 +196,16 @@ def _export_volume(engine: Engine, volume: str, data_dir: str) -> Any:
         volumes={volume: {"bind": data_dir, "mode": "ro"}},
         extra_labels={L_ROLE: "helper"},
     )
+    response = _open_archive(engine, container.id, data_dir + "/.")
     try:
-        raw, _ = engine.client.api.get_archive(container.id, data_dir + "/.")
-        yield from archive.rewrite(raw, strip_first=True, compress=True)
+        if response is None:
+            yield from archive.rewrite(iter([b"\0" * 1024]), compress=True)
+        else:
+            raw = response.raw.stream(archive.CHUNK, decode_content=False)
+            yield from archive.rewrite(raw, strip_first=True, compress=True)
     finally:
+        if response is not None:
+            response.close()
         with contextlib.suppress(Exception):
             container.remove(force=True)
         tracked.released()

@@ -1,0 +1,162 @@
+"""SandboxContainer against the real engine: readiness, failures leave nothing, exec, keep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pytest_sandbox import errors
+from pytest_sandbox.containers.container import Healthy, LogReady, PortReady, SandboxContainer
+from pytest_sandbox.containers.engine import Engine
+
+Factory = Callable[..., SandboxContainer]
+
+HTTPD = [
+    "sh",
+    "-c",
+    "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+]
+
+
+def _ours(engine: Engine) -> set[str]:
+    return {
+        c["Id"]
+        for c in engine.client.api.containers(all=True, filters={"label": "pytest-sandbox.token"})
+    }
+
+
+def _our_volumes(engine: Engine) -> set[str]:
+    found = engine.client.api.volumes(filters={"label": "pytest-sandbox.token"}).get("Volumes")
+    return {v["Name"] for v in found or []}
+
+
+def test_log_regex_readiness_and_exec(sandbox_container: Factory) -> None:
+    c = sandbox_container(
+        "busybox",
+        command=["sh", "-c", "echo 'server ready on 42'; exec sleep 600"],
+        ready=r"ready on \d+",
+    )
+    assert c.status == "running"
+    result = c.exec(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (result.exit_code, result.output, result.stderr) == (3, b"out\n", b"err\n")
+    assert c.exec(["ls", "/data"]).exit_code == 0  # the data volume is mounted
+
+
+def test_tcp_and_http_readiness_from_the_host(sandbox_container: Factory) -> None:
+    tcp = sandbox_container("busybox", command=HTTPD, ports=[8080], ready=8080)
+    http = sandbox_container(
+        "busybox", command=HTTPD, ports=[8080], ready=PortReady(8080, http_path="/index.html")
+    )
+    import urllib.request
+
+    for c in (tcp, http):
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.host_port(8080)}/index.html") as r:
+            assert r.read() == b"hello\n"
+
+
+def test_health_readiness(sandbox_container: Factory) -> None:
+    c = sandbox_container(
+        "busybox",
+        command=["sh", "-c", "sleep 0.3; touch /tmp/ok; exec sleep 600"],
+        ready=Healthy(),
+        healthcheck={
+            "test": ["CMD", "test", "-f", "/tmp/ok"],
+            "interval": 100_000_000,
+            "start_period": 100_000_000,
+        },
+    )
+    assert c.inspect()["State"]["Health"]["Status"] == "healthy"
+
+
+def test_timeout_carries_state_and_log_tail_and_leaves_nothing(
+    sandbox_docker: Engine, sandbox_container: Factory
+) -> None:
+    before, vols = _ours(sandbox_docker), _our_volumes(sandbox_docker)
+    with pytest.raises(errors.ContainerNotReady) as info:
+        sandbox_container(
+            "busybox",
+            command=["sh", "-c", "echo still-booting; exec sleep 600"],
+            ready=LogReady("never-printed"),
+            timeout=1.0,
+        )
+    message = str(info.value)
+    assert "still-booting" in message
+    assert "'running'" in message
+    assert "never-printed" in message
+    assert _ours(sandbox_docker) == before
+    assert _our_volumes(sandbox_docker) == vols
+
+
+def test_exit_before_ready_is_reported_with_code_and_log(
+    sandbox_docker: Engine, sandbox_container: Factory
+) -> None:
+    before = _ours(sandbox_docker)
+    with pytest.raises(errors.ContainerExited, match=r"(?s)exited with code 7.*boom"):
+        sandbox_container("busybox", command=["sh", "-c", "echo boom; exit 7"], ready="ready")
+    assert _ours(sandbox_docker) == before
+
+
+def test_failed_start_and_failed_copy_in_leave_nothing_created(
+    sandbox_docker: Engine, sandbox_container: Factory
+) -> None:
+    before = _ours(sandbox_docker)
+    with pytest.raises(errors.ContainerError, match="no/such/binary"):
+        sandbox_container("busybox", command=["/no/such/binary"], ready="never")
+    with pytest.raises(errors.ContainerError):
+        sandbox_container("busybox", command=["sleep", "600"], files={"/no/such/dir/f": b"x"})
+    assert _ours(sandbox_docker) == before
+
+
+def test_files_are_copied_in_before_start(sandbox_container: Factory) -> None:
+    c = sandbox_container(
+        "busybox",
+        command=["sh", "-c", "cat /etc/app.conf; exec sleep 600"],
+        files={"/etc/app.conf": b"mode=test\n"},
+        ready="mode=test",
+    )
+    assert c.exec(["cat", "/etc/app.conf"]).output == b"mode=test\n"
+
+
+def test_stop_start_keeps_data_and_close_is_idempotent(
+    sandbox_docker: Engine, sandbox_image: Any, sandbox_run: Any
+) -> None:
+    with SandboxContainer(sandbox_docker, sandbox_image("busybox"), command=["sleep", "600"]) as c:
+        c.launch()
+        c.exec(["sh", "-c", "echo kept > /data/f"])
+        c.stop(timeout=0)
+        assert c.status == "exited"
+        c.start()
+        assert c.exec(["cat", "/data/f"]).output == b"kept\n"
+        sandbox_docker.client.api.remove_container(c.id, force=True)  # gone behind our back
+        assert c.status == "removed"
+    c.close()  # already gone, already closed: fine
+
+
+def test_keep_marks_and_survives_the_sweep(sandbox_docker: Engine, sandbox_image: Any) -> None:
+    from pytest_sandbox.containers.engine import release_docker_object, sweep_orphans
+
+    c = SandboxContainer(sandbox_docker, sandbox_image("busybox"), command=["sleep", "600"])
+    c.launch()
+    command = c.keep()
+    try:
+        assert command.startswith("docker rm -f ") and "-kept" in command
+        assert sandbox_docker.client.containers.get(c.id).name.endswith("-kept")
+        assert not [
+            r for r in sweep_orphans({"current_run_id": "other", "dry_run": True}) if c.name in r
+        ]
+    finally:
+        release_docker_object({"type": "container", "id": c.id})
+        release_docker_object({"type": "volume", "name": c.volume_name})
+
+
+def test_user_image_missing_names_the_image(sandbox_image: Any) -> None:
+    with pytest.raises(errors.ImageUnavailable, match="no-such-image-psb"):
+        sandbox_image("no-such-image-psb:1")
+
+
+def test_debian_git_image_has_git_and_sshd(sandbox_container: Factory) -> None:
+    c = sandbox_container("debian-git", command=["sleep", "600"])
+    assert c.exec(["git", "--version"]).output.startswith(b"git version")
+    assert c.exec(["test", "-x", "/usr/sbin/sshd"]).exit_code == 0
