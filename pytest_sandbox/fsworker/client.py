@@ -165,6 +165,8 @@ class FsWorker:
             Path(socket_path) if socket_path is not None else scratch / f"w-{name}.sock"  # type: ignore[operator]
         )
         self.log_path = log_path if log_path is not None else scratch / f"w-{name}.log"  # type: ignore[operator]
+        # a log we placed in the scratch dir is removed after a clean shutdown (not piled up)
+        self._own_log = log_path is None
         self._tracker = tracker
         self._tracked: Tracked | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -503,6 +505,9 @@ class FsWorker:
             self.socket_path.unlink()
         if self._fresh_root and self._root is not None and not keep:
             shutil.rmtree(self._root, ignore_errors=True)
+        if self._own_log and not keep and popen is not None and popen.returncode == 0:
+            with contextlib.suppress(OSError):
+                self.log_path.unlink()
         if self._own_proxy is not None:
             self._own_proxy.close()
         if self._tracked is not None:
