@@ -177,3 +177,13 @@ def test_stranger_in_reused_group_is_not_touched_without_token(tmp_path: Path) -
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_package_import_is_cheap() -> None:
+    """Child processes import submodules: the package itself must not pull psutil or sqlite."""
+    code = (
+        "import sys, pytest_sandbox, pytest_sandbox.errors; "
+        "print(sorted(m for m in ('psutil', 'sqlite3', 'docker', 'pytest') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
