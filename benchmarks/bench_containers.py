@@ -18,11 +18,20 @@ from typing import Any
 LOG_CMD = ["sh", "-c", "echo ready; exec sleep 600"]
 
 
-def _row(name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str,
-         met: bool) -> dict[str, Any]:
+def _row(
+    name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str, met: bool
+) -> dict[str, Any]:
     ratio = ours / peer if peer and peer == peer else float("nan")
-    return {"name": name, "ours": ours, "peer": peer, "peer_name": peer_name, "unit": unit,
-            "ratio": ratio, "goal": goal, "met": met}
+    return {
+        "name": name,
+        "ours": ours,
+        "peer": peer,
+        "peer_name": peer_name,
+        "unit": unit,
+        "ratio": ratio,
+        "goal": goal,
+        "met": met,
+    }
 
 
 def _median(samples: list[float]) -> float:
@@ -45,8 +54,9 @@ def run(quick: bool) -> list[dict[str, Any]]:
     ours_start, ours_stop, peer_start, peer_stop = [], [], [], []
     for _ in range(rounds):
         t = time.perf_counter()
-        c = SandboxContainer(engine, image, command=LOG_CMD, ready="ready", volume=False,
-                             lock_dir=state).launch()
+        c = SandboxContainer(
+            engine, image, command=LOG_CMD, ready="ready", volume=False, lock_dir=state
+        ).launch()
         ours_start.append(time.perf_counter() - t)
         t = time.perf_counter()
         c.close()
@@ -61,12 +71,24 @@ def run(quick: bool) -> list[dict[str, Any]]:
         p.stop()
         peer_stop.append(time.perf_counter() - t)
     rows = [
-        _row("container start-to-ready (log regex)", _median(ours_start), _median(peer_start),
-             "testcontainers (Ryuk off)", "s", "<= 1.0x",
-             _median(ours_start) <= _median(peer_start)),
-        _row("container teardown", _median(ours_stop), _median(peer_stop),
-             "testcontainers (Ryuk off)", "s", "<= 1.0x",
-             _median(ours_stop) <= _median(peer_stop)),
+        _row(
+            "container start-to-ready (log regex)",
+            _median(ours_start),
+            _median(peer_start),
+            "testcontainers (Ryuk off)",
+            "s",
+            "<= 1.0x",
+            _median(ours_start) <= _median(peer_start),
+        ),
+        _row(
+            "container teardown",
+            _median(ours_stop),
+            _median(peer_stop),
+            "testcontainers (Ryuk off)",
+            "s",
+            "<= 1.0x",
+            _median(ours_stop) <= _median(peer_stop),
+        ),
     ]
 
     # export/import throughput vs docker cp, same data (quick: 64 MiB in 64 files)
@@ -77,7 +99,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     src.mkdir()
     block = os.urandom(size)
     for i in range(files):
-        (src / f"f{i:04d}").write_bytes(block[i % 7:] + block[: i % 7])
+        (src / f"f{i:04d}").write_bytes(block[i % 7 :] + block[: i % 7])
     total = files * size / (1 << 20)
     c = SandboxContainer(engine, image, command=["sleep", "600"], lock_dir=state).launch()
     try:
@@ -101,13 +123,37 @@ def run(quick: bool) -> list[dict[str, Any]]:
     label = f"{total:.0f} MiB in {files} files"
     rows += [
         # throughput: higher is better, so the ratio is ours / peer and the goal is >= 0.9
-        {**_row(f"export_data ({label}, tar)", ours_export, peer_export, "docker cp out",
-                "MiB/s", ">= 0.9x", ours_export >= 0.9 * peer_export)},
-        {**_row(f"import_data ({label}, tar)", ours_import, peer_import, "docker cp in",
-                "MiB/s", ">= 0.9x", ours_import >= 0.9 * peer_import)},
-        _row("crash clean-up latency (kill -9, reaper)", float("nan"), float("nan"),
-             "Ryuk (image not pullable here)", "s", "<= 1 s; see tests/plugin "
-             "test_kill_9_reaper... (measured 0.42 s)", True),
+        {
+            **_row(
+                f"export_data ({label}, tar)",
+                ours_export,
+                peer_export,
+                "docker cp out",
+                "MiB/s",
+                ">= 0.9x",
+                ours_export >= 0.9 * peer_export,
+            )
+        },
+        {
+            **_row(
+                f"import_data ({label}, tar)",
+                ours_import,
+                peer_import,
+                "docker cp in",
+                "MiB/s",
+                ">= 0.9x",
+                ours_import >= 0.9 * peer_import,
+            )
+        },
+        _row(
+            "crash clean-up latency (kill -9, reaper)",
+            float("nan"),
+            float("nan"),
+            "Ryuk (image not pullable here)",
+            "s",
+            "<= 1 s; see tests/plugin test_kill_9_reaper... (measured 0.42 s)",
+            True,
+        ),
     ]
     return rows
 

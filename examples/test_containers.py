@@ -1,4 +1,4 @@
-"""Downstream-style demo: a container with a data dir, snapshotted and restored (public fixtures only)."""
+"""Downstream-style demo: a container with a data dir, snapshotted and restored."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ def test_preserve_and_restore_bot_memory(sandbox_container, sandbox_data_store):
 def test_http_service_ready_from_the_host(sandbox_container):
     web = sandbox_container(
         "busybox",
-        command=["sh", "-c", "mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 80 -h /www"],
+        command=[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
         ports=[80],
         ready=80,
     )

@@ -21,14 +21,16 @@ HTTPD = [
 
 
 def _ours(engine: Engine) -> set[str]:
-    return {
-        c["Id"]
-        for c in engine.client.api.containers(all=True, filters={"label": "pytest-sandbox.token"})
-    }
+    """This run's containers (other suites may use the same engine concurrently)."""
+    assert engine.run is not None
+    flt = {"label": f"pytest-sandbox.run={engine.run.run_id}"}
+    return {c["Id"] for c in engine.client.api.containers(all=True, filters=flt)}
 
 
 def _our_volumes(engine: Engine) -> set[str]:
-    found = engine.client.api.volumes(filters={"label": "pytest-sandbox.token"}).get("Volumes")
+    assert engine.run is not None
+    flt = {"label": f"pytest-sandbox.run={engine.run.run_id}"}
+    found = engine.client.api.volumes(filters=flt).get("Volumes")
     return {v["Name"] for v in found or []}
 
 
@@ -141,7 +143,8 @@ def test_keep_marks_and_survives_the_sweep(sandbox_docker: Engine, sandbox_image
     c.launch()
     command = c.keep()
     try:
-        assert command.startswith("docker rm -f ") and "-kept" in command
+        assert command.startswith("docker rm -f ")
+        assert "-kept" in command
         assert sandbox_docker.client.containers.get(c.id).name.endswith("-kept")
         assert not [
             r for r in sweep_orphans({"current_run_id": "other", "dry_run": True}) if c.name in r

@@ -224,7 +224,8 @@ def test_keep_failed_keeps_only_the_failed_tests_container(
     api = sandbox_docker.client.api
     try:
         found = api.containers(all=True, filters={"id": kept})
-        assert found and found[0]["Names"][0].endswith("-kept")
+        assert found
+        assert found[0]["Names"][0].endswith("-kept")
         assert api.containers(all=True, filters={"id": passed}) == []
         result.stdout.fnmatch_lines(["*kept*pytest-sandbox reap --kept*"])
     finally:
