@@ -46,6 +46,12 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_HEAD(self) -> None:  # mirakuru's HTTPExecutor probes with HEAD
+        LAST_ACTIVITY[0] = time.monotonic()
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def address_string(self) -> str:
         return "local"
 
