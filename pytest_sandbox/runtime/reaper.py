@@ -21,6 +21,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -295,17 +296,18 @@ def start_reaper(
         )
 
 
-def stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """Tell the reaper the run ended cleanly and wait for it."""
+def stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 0.0) -> None:
+    """Tell the reaper the run ended cleanly; wait at most ``timeout`` for it to exit.
+
+    Not waiting is safe: the reaper exits by itself on ``done`` (pytest's exit then costs
+    nothing), and an orphaned reaper is reparented and reaped like any other process.
+    """
     with contextlib.suppress(OSError, ValueError):
         assert reaper.stdin is not None
         reaper.stdin.write(b"done\n")
         reaper.stdin.close()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         reaper.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        reaper.kill()
-        reaper.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,10 +322,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = args.state_dir / "runs" / args.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "reaper.json").write_text(json.dumps(record))
+    sweeping = None
     if args.sweepers:
-        # The controller swept the ledger already; the slow sweepers (Docker) run here.
-        run_sweepers(ledger, args.sweepers.split(","), current_run_id=args.run_id)
-    return Reaper(ledger, args.run_id, sys.stdin.fileno()).run()
+        # The controller swept the ledger already; the slow sweepers (Docker) run here, beside
+        # the watch loop so that a crash during the sweep is still noticed at once.
+        sweeping = threading.Thread(
+            target=run_sweepers,
+            args=(Ledger.in_state_dir(args.state_dir), args.sweepers.split(",")),
+            kwargs={"current_run_id": args.run_id},
+            daemon=True,
+        )
+        sweeping.start()
+    code = Reaper(ledger, args.run_id, sys.stdin.fileno()).run()
+    if sweeping is not None:
+        sweeping.join(timeout=60)
+    return code
 
 
 if __name__ == "__main__":
