@@ -103,8 +103,23 @@ def script_argv(script: str, *args: str) -> list[str]:
     return ["sh", "-c", script, "psb", *args]
 
 
-def iter_chunks(source: TarSource | None) -> Iterator[bytes]:
-    """Turn bytes, a file object or an iterable of chunks into an iterator of chunks."""
+def iter_chunks(source: TarSource | None, coalesce: int = 256 << 10) -> Iterator[bytes]:
+    """Turn bytes, a file object or an iterable of chunks into chunks of about ``coalesce``
+    bytes (a tar stream is mostly 512-byte headers: one write each would be slow)."""
+    pending: list[bytes] = []
+    size = 0
+    for chunk in _raw_chunks(source):
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= coalesce:
+            yield b"".join(pending)
+            pending.clear()
+            size = 0
+    if pending:
+        yield b"".join(pending)
+
+
+def _raw_chunks(source: TarSource | None) -> Iterator[bytes]:
     if source is None:
         return
     if isinstance(source, bytes | bytearray | memoryview):

@@ -102,6 +102,11 @@ class WorkspacePlan:
     files: tuple[str, ...]
     overlay: bool
     untracked: tuple[str, ...] = field(default=())
+    #: For clone/shallow: the files whose working-tree content differs from the base (or are
+    #: untracked) — the only ones sent besides the history — and tracked files deleted in the
+    #: working tree. Clean files are checked out by git in the guest.
+    dirty: tuple[str, ...] = field(default=())
+    deleted: tuple[str, ...] = field(default=())
 
     @property
     def dry_run(self) -> bool:
@@ -117,6 +122,49 @@ def inspect_repo(path: Path | str) -> RepoInfo:
         )
     if not path.is_dir():
         path = path.parent
+    # the common case in one git call; the slow path below only explains a failure
+    fast = git(
+        path,
+        "rev-parse",
+        "--is-bare-repository",
+        "--is-inside-git-dir",
+        "--show-toplevel",
+        "--absolute-git-dir",
+        "HEAD",
+        "--symbolic-full-name",
+        "HEAD",
+        check=False,
+    ).decode(errors="surrogateescape")
+    lines = fast.splitlines()
+    if len(lines) == 6 and lines[:2] == ["false", "false"] and len(lines[4]) >= 40:
+        root, git_dir, head, symbolic = Path(lines[2]), Path(lines[3]), lines[4], lines[5]
+    else:
+        root, git_dir, symbolic, head = _inspect_slowly(path)
+    branch = symbolic.removeprefix("refs/heads/") if symbolic.startswith("refs/heads/") else ""
+    submodules = []
+    for entry in git(root, "ls-files", "-z", "--stage").split(b"\0"):
+        if entry.startswith(b"160000 "):
+            submodules.append(os.fsdecode(entry.split(b"\t", 1)[1]))
+    identity = dict.fromkeys(("user.name", "user.email"), "")
+    found = git(root, "config", "-z", "--get-regexp", r"^user\.(name|email)$", check=False)
+    for item in found.split(b"\0"):
+        key, _, value = item.decode(errors="replace").partition("\n")
+        if key in identity:
+            identity[key] = value
+    return RepoInfo(
+        root=root,
+        name=root.name,
+        git_dir=git_dir,
+        head_commit=head,
+        current_branch=branch or None,
+        submodules=tuple(sorted(set(submodules))),
+        user_name=identity["user.name"] or None,
+        user_email=identity["user.email"] or None,
+    )
+
+
+def _inspect_slowly(path: Path) -> tuple[Path, Path, str, str]:
+    """One question at a time, to say precisely why the fast inspection failed."""
     out = git(path, "rev-parse", "--is-bare-repository", "--is-inside-git-dir", check=False)
     flags = out.decode().split()
     if len(flags) != 2:
@@ -137,26 +185,8 @@ def inspect_repo(path: Path | str) -> RepoInfo:
             f"repository {root} has no commit yet, so there is no base commit. Commit once "
             "(git commit --allow-empty -m init) before preparing a workspace."
         )
-    branch = git(root, "symbolic-ref", "-q", "--short", "HEAD", check=False).decode().strip()
-    submodules = []
-    for entry in git(root, "ls-files", "-z", "--stage").split(b"\0"):
-        if entry.startswith(b"160000 "):
-            submodules.append(os.fsdecode(entry.split(b"\t", 1)[1]))
-    return RepoInfo(
-        root=root,
-        name=root.name,
-        git_dir=git_dir,
-        head_commit=head,
-        current_branch=branch or None,
-        submodules=tuple(sorted(set(submodules))),
-        user_name=_config(root, "user.name"),
-        user_email=_config(root, "user.email"),
-    )
-
-
-def _config(root: Path, key: str) -> str | None:
-    value = git(root, "config", "--get", key, check=False).decode(errors="replace").strip()
-    return value or None
+    symbolic = git(root, "symbolic-ref", "-q", "HEAD", check=False).decode().strip()
+    return root, git_dir, symbolic, head
 
 
 def _check_arguments(mode: str, branch: str | None, from_ref: str | None) -> None:
@@ -286,8 +316,20 @@ def plan_workspace(
         tracked = _z(git(info.root, "ls-files", "-z", "--cached"))
     present = [p for p in dict.fromkeys(tracked) if _present(info.root, p)]
     files = present + untracked
+    dirty: list[str] = []
+    deleted: list[str] = []
     if mode == "full_copy":
         files = _git_dir_files(info) + _submodule_git_files(info) + files
+    else:
+        # porcelain diff compares content (not just stat data) and, with GIT_OPTIONAL_LOCKS=0,
+        # never rewrites the host's index
+        fields = _z(git(info.root, "diff", "--name-status", "-z", "--no-renames", base, "--"))
+        for status, path in zip(fields[::2], fields[1::2], strict=True):
+            if status == "D" or not _present(info.root, path):
+                deleted.append(path)
+            else:
+                dirty.append(path)
+        dirty += untracked
     return WorkspacePlan(
         mode,
         info,
@@ -298,4 +340,6 @@ def plan_workspace(
         tuple(dict.fromkeys(files)),
         True,
         tuple(untracked),
+        tuple(dict.fromkeys(dirty)),
+        tuple(deleted),
     )

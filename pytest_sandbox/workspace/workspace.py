@@ -5,12 +5,13 @@ Prepare (:func:`prepare_workspace`):
 1. plan on the host (``repo.plan_workspace``): every refusal happens here, before guest I/O;
 2. build the payload on the host: a git bundle of the history (``clone``), a pack of the base
    commit alone (``shallow``) or nothing (``full_copy``), in a ledger-tracked staging dir;
-3. stream one tar into a fresh staging dir beside the guest path (``tree/`` = the files,
-   plus the bundle or pack), with the guest's workspace lock held;
-4. one script in the guest: refuse a non-empty guest path, move ``tree/`` into place, ``git
-   init`` + fetch the bundle (or index the pack and mark the commit shallow), point HEAD/branch
-   at the base, set the index to the base tree without touching the files (``git reset``),
-   carry the git identity over, remove the staging dir.
+3. one guest command, with the guest's workspace lock held, whose stdin is one tar stream
+   (``tree/`` = the files, plus the bundle or pack and the list of deleted files) unpacked into
+   a fresh staging dir beside the guest path; then, in the same script: refuse a non-empty
+   guest path, ``git init`` + fetch the bundle (or index the pack and mark the commit
+   shallow), point HEAD/branch at the base, check it out, apply the host's working tree on top
+   (deletions, then only the files that differ from the base or are untracked), carry the git
+   identity over, remove the staging dir. ``full_copy`` moves ``tree/`` (with ``.git``) in.
 
 Export (:meth:`PreparedWorkspace.export`): a throwaway index *and* object dir inside the guest's
 git dir (``GIT_INDEX_FILE``, ``GIT_OBJECT_DIRECTORY`` + the real objects as alternates), ``git
@@ -51,44 +52,50 @@ _IN_USE = 3
 
 _PREPARE = r"""
 set -eu
-stage=$1 dest=$2 mode=$3 base=$4 branch=$5 populate=$6 uname=$7 uemail=$8
+stage=$1 dest=$2 mode=$3 base=$4 branch=$5 identity=$6
 trap 'rm -rf -- "$stage"' EXIT
+mkdir -p -- "$stage"
+tar -x -f - -C "$stage"
 if [ -e "$dest" ] || [ -L "$dest" ]; then
     if [ ! -d "$dest" ] || [ -n "$(ls -A -- "$dest")" ]; then
         echo "guest path $dest exists and is not empty" >&2; exit 3
     fi
     rmdir -- "$dest"
 fi
-mv -- "$stage/tree" "$dest"
-cd -- "$dest"
 if [ "$mode" = full_copy ]; then
-    if [ "$populate" = 1 ]; then
+    mv -- "$stage/tree" "$dest"
+    cd -- "$dest"
+    if [ -n "$base" ]; then
         git -c advice.detachedHead=false checkout -q -f -B "$branch" "$base"
     elif [ -n "$branch" ]; then
         git checkout -q -B "$branch"
     fi
+    # the copied index holds the host's stat data: refresh it once here
     git update-index -q --refresh >/dev/null || :
 else
+    mkdir -- "$dest"
+    cd -- "$dest"
     git init -q .
     if [ "$mode" = clone ]; then
         git fetch -q --update-head-ok "$stage/repo.bundle" \
             '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*'
+        rm -f .git/FETCH_HEAD
     else
         git index-pack --stdin <"$stage/base.pack" >/dev/null
         printf '%s\n' "$base" >.git/shallow
     fi
-    git cat-file -e "$base^{commit}"
     if [ -n "$branch" ]; then
         git update-ref "refs/heads/$branch" "$base"
         git symbolic-ref HEAD "refs/heads/$branch"
     else
         git update-ref --no-deref HEAD "$base"
     fi
-    if [ "$populate" = 1 ]; then git reset -q --hard; else git reset -q; fi
-    rm -f .git/FETCH_HEAD .git/ORIG_HEAD
+    git reset -q --hard
+    # the host's working tree on top: deletions, then the files that differ from the base
+    if [ -s "$stage/deleted" ]; then xargs -0 rm -f -- <"$stage/deleted"; fi
+    cp -a -- "$stage/tree/." .
 fi
-if [ -n "$uname" ]; then git config user.name "$uname"; fi
-if [ -n "$uemail" ]; then git config user.email "$uemail"; fi
+if [ -n "$identity" ]; then printf '%s' "$identity" >>.git/config; fi
 git rev-parse HEAD
 """
 
@@ -96,20 +103,17 @@ _EXPORT = r"""
 set -eu
 cd -- "$1"
 base=$2
-gitdir=$(git rev-parse --absolute-git-dir)
-tmp="$gitdir/psb-export-$3"
+tmp="$1/.git/psb-export-$3"
 mkdir -- "$tmp" "$tmp/objects"
 trap 'rm -rf -- "$tmp"' EXIT
-if [ -f "$gitdir/index" ]; then cp -- "$gitdir/index" "$tmp/index"; fi
+if [ -f .git/index ]; then cp -- .git/index "$tmp/index"; fi
 GIT_INDEX_FILE="$tmp/index"
 GIT_OBJECT_DIRECTORY="$tmp/objects"
-GIT_ALTERNATE_OBJECT_DIRECTORIES="$gitdir/objects"
+GIT_ALTERNATE_OBJECT_DIRECTORIES="$1/.git/objects"
 export GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
 git -c gc.auto=0 -c core.fsmonitor=false add -A
-git diff --cached -z -M --name-status --no-ext-diff "$base" >"$tmp/names"
-wc -c <"$tmp/names"
-cat -- "$tmp/names"
-git diff --cached -M --binary --full-index --no-color --no-ext-diff --no-textconv "$base"
+git diff --cached -M --raw -z -p --binary --full-index --no-color --no-ext-diff \
+    --no-textconv "$base"
 """
 
 _DIFF_ONLY = ["git", "diff", "--binary", "--full-index"]
@@ -185,24 +189,24 @@ class PreparedWorkspace:
 
 
 def _parse_export(output: bytes, base: str) -> WorkspaceExport:
-    first, _, rest = output.partition(b"\n")
-    size = int(first.strip())
-    names, patch = rest[:size], rest[size:]
-    fields = [os.fsdecode(f) for f in names.split(b"\0")]
-    if fields and fields[-1] == "":
-        fields.pop()
+    """Split ``git diff --raw -z -p`` output: raw records (``:modes shas STATUS\\0path\\0``,
+    two paths for renames/copies), a NUL, then the patch."""
     statuses: list[tuple[str, str]] = []
     changed: set[str] = set()
-    i = 0
-    while i < len(fields):
-        status = fields[i]
-        count = 2 if status[:1] in ("R", "C") else 1
-        paths = fields[i + 1 : i + 1 + count]
-        for path in paths:
+    pos = 0
+    while output.startswith(b":", pos):
+        end = output.index(b"\0", pos)
+        status = output[pos:end].split()[-1].decode()
+        pos = end + 1
+        for _ in range(2 if status[:1] in ("R", "C") else 1):
+            end = output.index(b"\0", pos)
+            path = os.fsdecode(output[pos:end])
             statuses.append((status, path))
             changed.add(path)
-        i += 1 + count
-    return WorkspaceExport(patch, tuple(sorted(changed)), base, tuple(statuses))
+            pos = end + 1
+    if output.startswith(b"\0", pos):
+        pos += 1
+    return WorkspaceExport(output[pos:], tuple(sorted(changed)), base, tuple(statuses))
 
 
 @contextlib.contextmanager
@@ -246,12 +250,13 @@ def _info(arcname: str, st: os.stat_result | None, path: Path | None) -> tarfile
 
 
 def tar_entries(
-    entries: Iterable[tuple[str, Path | None]],
+    entries: Iterable[tuple[str, Path | bytes | None]],
     *,
     check: Callable[[], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[bytes]:
-    """A tar stream of ``(member name, host path)`` entries (``None`` = an empty directory).
+    """A tar stream of ``(member name, host path)`` entries (``None`` = an empty directory,
+    ``bytes`` = a file with that content).
 
     Symlinks are stored as links; regular files are read in 1 MiB chunks, so memory stays
     flat whatever the file sizes. ``check`` runs before every chunk (it raises to abort);
@@ -266,6 +271,12 @@ def tar_entries(
         return data
 
     for arcname, path in entries:
+        if isinstance(path, bytes):
+            info = _info(arcname, None, None)
+            info.type, info.mode, info.size = tarfile.REGTYPE, 0o644, len(path)
+            yield emit(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            yield emit(path + b"\0" * (-len(path) % tarfile.BLOCKSIZE))
+            continue
         st = os.lstat(path) if path is not None else None
         if st is not None and not (
             stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode)
@@ -350,6 +361,20 @@ def _payload(plan: WorkspacePlan, staging: Path) -> tuple[str, Path] | None:
     return None
 
 
+def _config_value(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _identity_config(name: str | None, email: str | None) -> str:
+    """A ``[user]`` section carrying the host's git identity (appended to ``.git/config``:
+    one write instead of two ``git config`` processes)."""
+    lines = [f"\tname = {_config_value(name)}\n" if name else ""]
+    lines.append(f"\temail = {_config_value(email)}\n" if email else "")
+    body = "".join(lines)
+    return f"[user]\n{body}" if body else ""
+
+
 def _check_guest_path(guest_path: str) -> str:
     if not guest_path.startswith("/") or "\n" in guest_path or "\0" in guest_path:
         raise InvalidWorkspaceArgument(
@@ -403,9 +428,13 @@ def prepare_workspace(
     staging = _Staging(staging_dir, tracker)
     try:
         payload = _payload(plan, staging.path)
-        entries: list[tuple[str, Path | None]] = [("tree", None)]
-        if plan.overlay:
+        entries: list[tuple[str, Path | bytes | None]] = [("tree", None)]
+        if plan.mode == "full_copy":
             entries += [(f"tree/{rel}", info.root / rel) for rel in plan.files]
+        elif plan.overlay:
+            entries += [(f"tree/{rel}", info.root / rel) for rel in plan.dirty]
+            deleted = b"".join(os.fsencode(p) + b"\0" for p in plan.deleted)
+            entries.append(("deleted", deleted))
         if payload is not None:
             entries.append(payload)
 
@@ -414,21 +443,19 @@ def prepare_workspace(
                 raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
 
         with workspace_lock(guest):
-            guest.put_tar(
-                tar_entries(entries, check=check, progress=progress), stage, timeout=timeout
-            )
+            # one round trip: the tar stream is the script's stdin
             result = guest.run(
                 script_argv(
                     _PREPARE,
                     stage,
                     dest,
                     plan.mode,
-                    plan.base_commit,
+                    # full_copy already has HEAD at the base unless from_ref asks for another
+                    "" if plan.mode == "full_copy" and plan.from_ref is None else plan.base_commit,
                     target_branch,
-                    "1" if not plan.overlay else "0",
-                    info.user_name or "",
-                    info.user_email or "",
+                    _identity_config(info.user_name, info.user_email),
                 ),
+                stdin=tar_entries(entries, check=check, progress=progress),
                 timeout=timeout,
             )
             if result.exit_code == _IN_USE:

@@ -27,6 +27,7 @@ BACKENDS = [
 
 # --- helpers ----------------------------------------------------------------------------
 
+NAME = 'Grace "Amazing" Hopper \\ Jr ü'  # quotes and a backslash survive the config write
 HOSTILE_NAMES = [
     "plain.txt",
     "with space/file name.txt",
@@ -48,7 +49,7 @@ def git(cwd: Path, *args: str, input: bytes | None = None) -> bytes:
 def init_repo(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.name", "Grace Hopper")
+    git(root, "config", "user.name", NAME)
     git(root, "config", "user.email", "grace@example.invalid")
     return root
 
@@ -157,7 +158,7 @@ def test_clone_is_byte_identical_with_history_branch_identity(
     assert guest_git(ws, "rev-parse", "HEAD").decode().strip() == head
     assert guest_git(ws, "symbolic-ref", "HEAD").strip() == b"refs/heads/main"
     assert guest_git(ws, "rev-list", "--count", "HEAD").strip() == b"2"
-    assert guest_git(ws, "config", "user.name").strip() == b"Grace Hopper"
+    assert guest_git(ws, "config", "user.name").decode().strip() == NAME
     assert guest_git(ws, "config", "user.email").strip() == b"grace@example.invalid"
     expected = host_manifest(repo, ws.files)
     assert guest_manifest(ws) == expected

@@ -182,11 +182,15 @@ def test_tar_entries_keeps_symlinks_and_odd_names(tmp_path: Path) -> None:
 
 
 def test_parse_export_frames_names_and_patch() -> None:
-    names = b"M\0a b.txt\0R100\0old\nname\0new\0D\0-x\0"
+    sha = b"0" * 40
+    raw = b"".join(
+        b":100644 100644 %s %s %s\0%s" % (sha, sha, status, paths)
+        for status, paths in ((b"M", b"a b.txt\0"), (b"R100", b"old\nname\0new\0"), (b"D", b"-x\0"))
+    )
     patch = b"diff --git a/x b/x\n"
-    out = _parse_export(str(len(names)).encode() + b"\n" + names + patch, "abc")
+    out = _parse_export(raw + b"\0" + patch, "abc")
     assert out.patch == patch
     assert out.changed_files == ("-x", "a b.txt", "new", "old\nname")
     assert ("R100", "old\nname") in out.statuses
     assert out.has_changes
-    assert not _parse_export(b"0\n", "abc").has_changes
+    assert not _parse_export(b"", "abc").has_changes
