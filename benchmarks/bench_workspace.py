@@ -5,13 +5,13 @@ rounds), built with ``git fast-import``. Rounds interleave ours and the peer; me
 
 - prepare (clone) into a ``debian-git`` container: ours = ``prepare_workspace`` (bundle + one
   tar stream into the container's ``tar`` + one script); peer = ``git bundle create`` +
-  ``docker cp`` + ``docker exec … git clone``. Goal ≤ 1.2×.
+  ``docker cp`` + ``docker exec … git clone``. Goal ≤ 1.2x.
 - prepare (clone) into the SSH guest (real sshd on 127.0.0.1): ours = ``prepare_workspace``;
   peer = ``git clone ssh://…`` of the same repo over the same multiplexed SSH connection
-  (``GIT_SSH_COMMAND`` with the guest's ControlPath), so both pay the same transport. ≤ 1.2×.
+  (``GIT_SSH_COMMAND`` with the guest's ControlPath), so both pay the same transport. ≤ 1.2x.
 - export of a workspace with 20 changed files: ours = ``PreparedWorkspace.export()``
   (throwaway index + object dir, names + patch); peer = ``git diff --binary <base>`` run in the
-  guest directly through the same guest API. Goal ≤ 1.3×.
+  guest directly through the same guest API. Goal ≤ 1.3x.
 """
 
 from __future__ import annotations
@@ -126,8 +126,11 @@ def bench_container(repo: Path, rounds: int, note: str, tmp: Path) -> list[dict[
 
         ws = prepare_workspace(repo, guest, guest_path="/root/export", staging_dir=tmp)
         assert isinstance(ws, PreparedWorkspace)
-        ws.run(["sh", "-c", "for i in $(seq 0 19); do echo edit >> src/d0$((i % 10))0/file_000$((i % 10))0.txt; "
-                "echo new > new_$i.txt; done"]).check("edits")  # fmt: skip
+        edits = (
+            "for i in $(seq 0 9); do echo edit >> src/d0${i}0/file_000${i}0.txt; done; "
+            "for i in $(seq 0 9); do echo new > new_$i.txt; done"
+        )
+        ws.run(["sh", "-c", edits]).check("edits")
 
         def export(_i: int) -> None:
             ws.export()
