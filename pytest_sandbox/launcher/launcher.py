@@ -452,8 +452,9 @@ class BackendHandle:
         """Stop the backend's process group (identity verified first) and release its row.
 
         SIGTERM → ``grace`` (default the definition's) → SIGKILL → wait. Idempotent: only the
-        first call reports. With ``check`` (default), raises :class:`BackendUnexpectedExit` when the backend had crashed
-        or ended with an exit code outside ``expected_exit_codes``. Raises
+        first call reports. With ``check`` (default), raises :class:`BackendUnexpectedExit`
+        when the backend had crashed or ended with an exit code outside
+        ``expected_exit_codes``. Raises
         :class:`BackendIdentityMismatch` — and signals nothing — when the identity no longer
         holds.
         """

@@ -386,3 +386,25 @@ def test_close_stops_everything_and_reports_crashes(tmp_path):
         launcher.close()
     assert not alive(ok.pid)
     launcher.close()  # idempotent
+
+
+def test_binary_swapped_between_check_and_exec_is_killed(launcher, monkeypatch):
+    from pytest_sandbox.launcher import launcher as launcher_mod
+
+    sleep = launcher.install(shutil.which("sleep") or "/bin/sleep", "sleepd")
+    real_check = launcher_mod.check_binary
+
+    def checked_other_content(service):
+        # What the check saw is not what exec ran (simulates a swap in the race window).
+        return dataclasses.replace(real_check(service), sha256="0" * 64)
+
+    monkeypatch.setattr(launcher_mod, "check_binary", checked_other_content)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(errors.BackendIdentityMismatch, match="changed between"):
+        launcher.launch(launcher.service("sleepd", sleep, args=("30",), probe=None))
+    new = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and "sleepd" in " ".join(p.cmdline())
+    ]
+    assert new == []
