@@ -165,7 +165,8 @@ def stop_group(
         deadline = time.monotonic() + grace
         delay = 0.005
         while live and time.monotonic() < deadline:
-            time.sleep(delay)
+            # never sleep past the grace: a daemon that ignores SIGTERM is killed on time
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 2, 0.05)
             live = members()
         if live:
