@@ -323,33 +323,40 @@ _NS_WRAP = (
     'if [ "$PSB_TMPFS" = 1 ]; then mount -t tmpfs -o mode=1777,size=256m psb-tmp /tmp; '
     'else mount --bind "$PSB_ROOT/tmp" /tmp; fi || exit 125; exec "$@"'
 )
-_ns_support: dict[str, bool] = {}
+_ns_prefix: dict[str, list[str] | None] = {}
+
+
+def _unshare_prefix() -> list[str] | None:
+    """The ``unshare`` argv prefix that works here: user + mount namespace, else (root) mount
+    namespace alone, else None. Probed once per process."""
+    if "prefix" not in _ns_prefix:
+        found = None
+        mount = ["unshare", "--mount", "--propagation", "private"]
+        candidates = [["unshare", "--user", "--map-root-user", *mount[1:]]]
+        if os.geteuid() == 0:
+            candidates.append(mount)
+        for prefix in candidates:
+            try:
+                done = subprocess.run([*prefix, "true"], capture_output=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if done.returncode == 0:
+                found = prefix
+                break
+        _ns_prefix["prefix"] = found
+    return _ns_prefix["prefix"]
 
 
 def namespaces_available() -> bool:
-    """Whether ``unshare`` can give a command a fresh mount namespace here (cached)."""
-    if "mount" not in _ns_support:
-        argv = [*_unshare_prefix(), "true"]
-        try:
-            ok = subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        _ns_support["mount"] = ok
-    return _ns_support["mount"]
-
-
-def _unshare_prefix() -> list[str]:
-    prefix = ["unshare", "--mount", "--propagation", "private"]
-    if os.geteuid() != 0:
-        prefix[1:1] = ["--user", "--map-root-user"]
-    return prefix
+    """Whether ``unshare`` can give a command fresh namespaces here (cached)."""
+    return _unshare_prefix() is not None
 
 
 class LocalGuest(_ProcessGuest):
     """A private directory on this machine, commands run in their own session.
 
-    Where ``unshare`` works, every command also runs in a fresh mount namespace (a user
-    namespace too when not root) whose ``/tmp`` is the guest's own ``<root>/tmp`` — or a fresh
+    Where ``unshare`` works, every command also runs in a fresh user + mount namespace (mount
+    alone when only that works) whose ``/tmp`` is the guest's own ``<root>/tmp`` — or a fresh
     tmpfs with ``tmpfs_tmp=True``. Commands get a small environment: ``PATH``, ``HOME`` (the
     guest's ``<root>/home``), ``LANG``. The workspace path defaults to ``<root>/repo``.
     """
@@ -370,7 +377,7 @@ class LocalGuest(_ProcessGuest):
             tracker, "guest", "local guest (creating)", releaser=LOCAL_RELEASER, details={}
         )
         try:
-            use_ns = namespaces_available() if namespaces is None else namespaces
+            use_ns = namespaces is not False and namespaces_available()
             self.namespaces = use_ns
             # /tmp is replaced inside the namespace, so the guest root must live elsewhere
             base = Path(base_dir) if base_dir is not None else Path("/var/tmp")
@@ -407,8 +414,9 @@ class LocalGuest(_ProcessGuest):
         command = list(argv)
         if env:
             command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
-        if self.namespaces:
-            command = [*_unshare_prefix(), "sh", "-c", _NS_WRAP, "psb-guest", *command]
+        prefix = _unshare_prefix() if self.namespaces else None
+        if prefix is not None:
+            command = [*prefix, "sh", "-c", _NS_WRAP, "psb-guest", *command]
         return command
 
     def close(self) -> None:

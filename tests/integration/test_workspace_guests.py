@@ -147,8 +147,9 @@ def test_local_guest_runs_in_own_session_and_namespace(sandbox_guest: Any) -> No
         sid = guest.run(["sh", "-c", "ps -o sid= -p $$"]).output.strip()
         assert int(sid) != os.getsid(0)
         if guest.namespaces:
-            ns = guest.run(["readlink", "/proc/self/ns/mnt"]).output.strip()
-            assert ns != os.readlink("/proc/self/ns/mnt").encode()
+            for kind in ("mnt", "user"):
+                ns = guest.run(["readlink", f"/proc/self/ns/{kind}"]).output.strip()
+                assert ns != os.readlink(f"/proc/self/ns/{kind}").encode(), kind
             guest.run(["sh", "-c", "echo x > /tmp/guest-private"]).check("write /tmp")
             assert (guest.root / "tmp" / "guest-private").exists()
             assert not Path("/tmp/guest-private").exists()
