@@ -445,10 +445,11 @@ def test_export_waits_for_an_in_flight_prepare(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_closing_the_guest_aborts_a_stuck_prepare(
-    backend: str, sandbox_guest: Any, big_file_repo: Path, sandbox_run: Any
+    backend: str, sandbox_guest: Any, big_file_repo: Path, tmp_path: Path
 ) -> None:
     from pytest_sandbox.workspace.workspace import prepare_workspace
 
+    staging_dir = tmp_path / "staging"
     stuck = threading.Event()
     outcome: list[BaseException | None] = []
     produced = [0]
@@ -466,7 +467,7 @@ def test_closing_the_guest_aborts_a_stuck_prepare(
                 big_file_repo,
                 sandbox_guest,
                 progress=progress,
-                staging_dir=sandbox_run.run_dir / "workspace-staging",
+                staging_dir=staging_dir,
             )
             outcome.append(None)
         except BaseException as exc:
@@ -484,5 +485,4 @@ def test_closing_the_guest_aborts_a_stuck_prepare(
     thread.join(30)
     assert len(outcome) == 1
     assert isinstance(outcome[0], errors.GuestError), outcome  # failed cleanly, typed
-    staging = list((sandbox_run.run_dir / "workspace-staging").glob("psb-ws-*"))
-    assert staging == []
+    assert list(staging_dir.iterdir()) == []  # the host staging dir went too
