@@ -5,7 +5,9 @@ from __future__ import annotations
 # === core (lead) ===
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -34,6 +36,7 @@ class _Session:
     run: RunContext
     ledger: Ledger
     reaper: Popen[bytes] | None = None
+    engine_probe: Future[str] | None = None
     swept: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
     final: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
 
@@ -70,6 +73,8 @@ def pytest_configure(config: pytest.Config) -> None:
     ledger = Ledger.in_state_dir(settings.state_dir)
     ledger.register_owner(run.run_id, run.worker_id, run.me)
     config.stash[_SESSION] = _Session(settings=settings, run=run, ledger=ledger)
+    if run.is_controller and settings.docker != "off":
+        config.stash[_SESSION].engine_probe = _probe_engine_in_background()
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(), "sandbox-xdist")
 
@@ -100,12 +105,28 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+def _probe_engine_in_background() -> Future[str]:
+    """Ask the engine for its version while pytest starts up (it answers in ~10 ms)."""
+    from pytest_sandbox.runtime import host
+
+    future: Future[str] = Future()
+
+    def probe() -> None:
+        try:
+            future.set_result(host.docker_engine().describe())
+        except Exception as exc:
+            future.set_result(f"probe failed: {exc!r}")
+
+    threading.Thread(target=probe, name="sandbox-engine-probe", daemon=True).start()
+    return future
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_sandbox.runtime import host
 
     state = _state(config)
     reaper = f"pid {state.reaper.pid}" if state.reaper else "off"
-    engine = host.docker_engine().describe() if state.settings.docker != "off" else "off"
+    engine = state.engine_probe.result(timeout=5) if state.engine_probe else "off"
     return [
         f"sandbox: run {state.run.run_id}, {state.settings.describe()}",
         f"sandbox: engine: {engine}; landlock ABI: {host.landlock_abi()}; reaper: {reaper}",

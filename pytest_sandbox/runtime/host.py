@@ -7,7 +7,6 @@ over its Unix socket, which costs a few milliseconds.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import http.client
 import json
 import os
@@ -24,7 +23,9 @@ _LANDLOCK_CREATE_RULESET_VERSION = 1
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # CDLL(None) is the running program's symbol table, libc included; find_library("c")
+        # would spawn ldconfig.
+        libc = ctypes.CDLL(None, use_errno=True)
         version = libc.syscall(
             _SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
             ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),

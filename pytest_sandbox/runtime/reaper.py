@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +71,8 @@ def release_rows(
 
     if not todo:
         return report
+    from concurrent.futures import ThreadPoolExecutor  # only when there is work
+
     with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
         for row, error in pool.map(one, todo):
             if error is None:
