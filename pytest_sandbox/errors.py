@@ -267,7 +267,8 @@ class UnknownScenario(BundleServerError):
 
 
 class ArchiveRefused(UnsafeArchive):
-    """An archive member broke a safety rule; ``archive`` and ``member`` name it. Nothing written."""
+    """An archive member broke a safety rule (named by ``archive`` and ``member``); nothing
+    was written."""
 
     def __init__(self, archive: str, member: str, problem: str, fix: str = "") -> None:
         self.archive = archive

@@ -96,7 +96,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     sweepers = SWEEPERS if state.settings.docker != "off" else ()
     if state.settings.reaper:
         state.reaper = reaper_mod.start_reaper(
-            state.settings.state_dir, state.run.run_id, state.run.run_dir / "reaper.log",
+            state.settings.state_dir,
+            state.run.run_id,
+            state.run.run_dir / "reaper.log",
             sweepers,
         )
     elif sweepers:
@@ -297,8 +299,15 @@ def sandbox_process(
         argv_list = [os.fspath(a) for a in argv]
         name = Path(argv_list[0]).name if argv_list else "process"
         proc = TrackedProcess(
-            argv_list, log_path=sandbox_run.new_log_path(name), env=env, cwd=cwd, ready=ready,
-            timeout=timeout, grace=grace, tracker=_sandbox_tracker, name=name,
+            argv_list,
+            log_path=sandbox_run.new_log_path(name),
+            env=env,
+            cwd=cwd,
+            ready=ready,
+            timeout=timeout,
+            grace=grace,
+            tracker=_sandbox_tracker,
+            name=name,
         )
         started.append(proc)
         _attach_log(request, f"{name}", proc.log_path)
@@ -313,7 +322,6 @@ def sandbox_process(
             errors.append(exc)
     if errors:
         raise ExceptionGroup("stopping tracked processes failed", errors)
-
 
 
 # === fsworker fixtures ===

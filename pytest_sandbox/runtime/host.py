@@ -27,7 +27,9 @@ def landlock_abi() -> int:
         # would spawn ldconfig.
         libc = ctypes.CDLL(None, use_errno=True)
         version = libc.syscall(
-            _SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+            _SYS_LANDLOCK_CREATE_RULESET,
+            None,
+            ctypes.c_size_t(0),
             ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
         )
     except (OSError, AttributeError):
