@@ -82,6 +82,8 @@ class RepoInfo:
     submodules: tuple[str, ...]
     user_name: str | None
     user_email: str | None
+    #: Paths in the index (gitlinks excluded), in index order.
+    tracked: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,10 +143,13 @@ def inspect_repo(path: Path | str) -> RepoInfo:
     else:
         root, git_dir, symbolic, head = _inspect_slowly(path)
     branch = symbolic.removeprefix("refs/heads/") if symbolic.startswith("refs/heads/") else ""
-    submodules = []
+    submodules: list[str] = []
+    tracked: list[str] = []
     for entry in git(root, "ls-files", "-z", "--stage").split(b"\0"):
-        if entry.startswith(b"160000 "):
-            submodules.append(os.fsdecode(entry.split(b"\t", 1)[1]))
+        if not entry:
+            continue
+        path = os.fsdecode(entry.split(b"\t", 1)[1])
+        (submodules if entry.startswith(b"160000 ") else tracked).append(path)
     identity = dict.fromkeys(("user.name", "user.email"), "")
     found = git(root, "config", "-z", "--get-regexp", r"^user\.(name|email)$", check=False)
     for item in found.split(b"\0"):
@@ -160,6 +165,7 @@ def inspect_repo(path: Path | str) -> RepoInfo:
         submodules=tuple(sorted(set(submodules))),
         user_name=identity["user.name"] or None,
         user_email=identity["user.email"] or None,
+        tracked=tuple(dict.fromkeys(tracked)),
     )
 
 
@@ -310,16 +316,12 @@ def plan_workspace(
         return WorkspacePlan(
             mode, info, base, branch, from_ref, include_untracked, tuple(files), False
         )
-    if mode == "full_copy":
-        tracked = _z(git(info.root, "ls-files", "-z", "--cached", "--recurse-submodules"))
-    else:
-        tracked = _z(git(info.root, "ls-files", "-z", "--cached"))
-    present = [p for p in dict.fromkeys(tracked) if _present(info.root, p)]
-    files = present + untracked
     dirty: list[str] = []
     deleted: list[str] = []
     if mode == "full_copy":
-        files = _git_dir_files(info) + _submodule_git_files(info) + files
+        tracked = _z(git(info.root, "ls-files", "-z", "--cached", "--recurse-submodules"))
+        present = [p for p in dict.fromkeys(tracked) if _present(info.root, p)]
+        files = _git_dir_files(info) + _submodule_git_files(info) + present + untracked
     else:
         # porcelain diff compares content (not just stat data) and, with GIT_OPTIONAL_LOCKS=0,
         # never rewrites the host's index
@@ -329,6 +331,8 @@ def plan_workspace(
                 deleted.append(path)
             else:
                 dirty.append(path)
+        gone = set(deleted)
+        files = [p for p in info.tracked if p not in gone] + untracked
         dirty += untracked
     return WorkspacePlan(
         mode,

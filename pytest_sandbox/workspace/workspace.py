@@ -8,7 +8,7 @@ Prepare (:func:`prepare_workspace`):
 3. one guest command, with the guest's workspace lock held, whose stdin is one tar stream
    (``tree/`` = the files, plus the bundle or pack and the list of deleted files) unpacked into
    a fresh staging dir beside the guest path; then, in the same script: refuse a non-empty
-   guest path, ``git init`` + fetch the bundle (or index the pack and mark the commit
+   guest path, ``git init`` + unbundle the bundle and write its refs (or index the pack and mark the commit
    shallow), point HEAD/branch at the base, check it out, apply the host's working tree on top
    (deletions, then only the files that differ from the base or are untracked), carry the git
    identity over, remove the staging dir. ``full_copy`` moves ``tree/`` (with ``.git``) in.
@@ -77,9 +77,10 @@ else
     cd -- "$dest"
     git init -q .
     if [ "$mode" = clone ]; then
-        git fetch -q --update-head-ok "$stage/repo.bundle" \
-            '+refs/heads/*:refs/heads/*' '+refs/tags/*:refs/tags/*'
-        rm -f .git/FETCH_HEAD
+        # our own complete bundle: index its pack and write the refs directly (a fetch would
+        # add a connectivity walk over the whole history)
+        git bundle unbundle "$stage/repo.bundle" >"$stage/refs"
+        grep -E '^[0-9a-f]+ refs/(heads|tags)/' "$stage/refs" >.git/packed-refs || :
     else
         git index-pack --stdin <"$stage/base.pack" >/dev/null
         printf '%s\n' "$base" >.git/shallow
