@@ -8,10 +8,11 @@ Prepare (:func:`prepare_workspace`):
 3. one guest command, with the guest's workspace lock held, whose stdin is one tar stream
    (``tree/`` = the files, plus the bundle or pack and the list of deleted files) unpacked into
    a fresh staging dir beside the guest path; then, in the same script: refuse a non-empty
-   guest path, ``git init`` + unbundle the bundle and write its refs (or index the pack and mark the commit
-   shallow), point HEAD/branch at the base, check it out, apply the host's working tree on top
-   (deletions, then only the files that differ from the base or are untracked), carry the git
-   identity over, remove the staging dir. ``full_copy`` moves ``tree/`` (with ``.git``) in.
+   guest path, ``git init`` + unbundle the bundle and write its refs (or index the pack and
+   mark the commit shallow), point HEAD/branch at the base, check it out, apply the host's
+   working tree on top (deletions, then only the files that differ from the base or are
+   untracked), carry the git identity over, remove the staging dir. ``full_copy`` moves
+   ``tree/`` (with ``.git``) in.
 
 Export (:meth:`PreparedWorkspace.export`): a throwaway index *and* object dir inside the guest's
 git dir (``GIT_INDEX_FILE``, ``GIT_OBJECT_DIRECTORY`` + the real objects as alternates), ``git
