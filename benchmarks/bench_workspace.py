@@ -170,7 +170,7 @@ def bench_ssh(repo: Path, rounds: int, note: str, tmp: Path) -> list[dict[str, A
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    files, commits, rounds = (1000, 200, 5) if quick else (5000, 1000, 9)
+    files, commits, rounds = (1000, 200, 4) if quick else (5000, 1000, 9)
     note = f"repo: {files} files, {commits} commits" + (" (--quick: smaller repo)" if quick else "")
     tmp = Path(tempfile.mkdtemp(prefix="psb-bench-ws-", dir="/var/tmp"))
     rows: list[dict[str, Any]] = []
