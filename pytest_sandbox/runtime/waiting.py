@@ -155,10 +155,13 @@ def wait_for(
     what: str = "resource",
     process: Exited | None = None,
     log_tail: Callable[[], str] = lambda: "",
-    interval: float = 0.005,
-    max_interval: float = 0.1,
+    interval: float = 0.002,
+    max_interval: float = 0.02,
 ) -> None:
     """Call ``probe`` until it returns True, backing off from ``interval`` to ``max_interval``.
+
+    The back-off is gentle and capped low on purpose: probes here are loopback connects and
+    file reads, cheap next to the tens of milliseconds a late poll adds to every start.
 
     Raises :class:`ReadinessTimeout` at the deadline (with the last transient error and log
     tail), or :class:`ProcessExitedEarly` as soon as ``process`` exits.
@@ -188,4 +191,4 @@ def wait_for(
                 + (f"\n--- last lines of its log ---\n{tail}" if tail else "")
             )
         time.sleep(min(delay, deadline.remaining()))
-        delay = min(delay * 1.5, max_interval)
+        delay = min(delay * 1.25, max_interval)
