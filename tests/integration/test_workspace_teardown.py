@@ -66,10 +66,26 @@ def container_exists(container_id: str) -> bool:
         client.close()
 
 
+def carrying(token: str) -> list[int]:
+    """Live processes whose environment carries a guest's token (its commands)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("PYTEST_SANDBOX_RESOURCE") == token:
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
 def leftovers(record: dict[str, Any], state_dir: Path) -> list[str]:
     found = []
     if "root" in record and Path(record["root"]).exists():
         found.append(f"local guest dir {record['root']}")
+    if "token" in record:
+        found += [f"guest command pid {pid}" for pid in carrying(record["token"])]
     if "sshd_pid" in record:
         if pids_alive([record["sshd_pid"], record["master_pid"]]):
             found.append(f"sshd/master {pids_alive([record['sshd_pid'], record['master_pid']])}")
@@ -143,3 +159,71 @@ def test_kill_9_without_reaper_is_swept_by_the_next_session(
     nxt = inner_pytest("-p", "no:xdist", "test_next.py")
     assert nxt.wait(120) == 0, nxt.text()
     wait_until(lambda: leftovers(record, state_dir) == [], 30, interval=0.2)
+
+
+MID_PREPARE = r"""
+import json, os, subprocess, time
+from pathlib import Path
+
+from pytest_sandbox.workspace.workspace import prepare_workspace
+
+
+def git(cwd, *args):
+    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True)
+
+
+def test_killed_mid_prepare(request, sandbox_run, sandbox_guest, _sandbox_tracker, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "big.bin").write_bytes(os.urandom(4 << 20))
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (repo / "big.bin").write_bytes(os.urandom(4 << 20))  # dirty: sent in the tar as well
+    staging = sandbox_run.run_dir / "workspace-staging"
+    sent = [0]
+
+    def progress(n):
+        sent[0] += n
+        if sent[0] > (1 << 20):
+            record = {"kind": sandbox_guest.kind, "staging": [str(p) for p in staging.iterdir()]}
+            if sandbox_guest.kind == "local":
+                record.update(root=str(sandbox_guest.root), token=sandbox_guest._tracked.token)
+            elif sandbox_guest.kind == "ssh":
+                host = request.getfixturevalue("sandbox_ssh_host")
+                record.update(scratch=sandbox_guest.scratch, sshd_pid=host.pid,
+                              sshd_dir=str(host.dir), master_pid=sandbox_guest._master.pid)
+            else:
+                record["container"] = sandbox_guest.id
+            Path(os.environ["RECORD"]).write_text(json.dumps(record))
+            time.sleep(300)
+
+    prepare_workspace(repo, sandbox_guest, tracker=_sandbox_tracker, staging_dir=staging,
+                      progress=progress)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kill_9_in_the_middle_of_a_prepare_leaves_no_bundle(
+    inner_pytest: Callable[..., InnerPytest],
+    tmp_path: Path,
+    state_dir: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend == "container":
+        request.getfixturevalue("sandbox_image")("debian-git")
+    (tmp_path / "test_inner.py").write_text(MID_PREPARE)
+    record_path = tmp_path / "record.json"
+    inner = inner_pytest(
+        "-p", "no:xdist", "test_inner.py", f"--sandbox-guest={backend}",
+        env={"RECORD": str(record_path)},
+    )  # fmt: skip
+    inner.wait_for_file(record_path, timeout=120)
+    record = json.loads(record_path.read_text())
+    assert len(record["staging"]) == 1  # the host bundle exists while the stream is in flight
+    assert (Path(record["staging"][0]) / "repo.bundle").exists()
+    os.kill(inner.proc.pid, signal.SIGKILL)
+    inner.wait(60)
+    wait_until(lambda: leftovers(record, state_dir) == [], 30, interval=0.2)
+    assert not Path(record["staging"][0]).exists()
