@@ -486,3 +486,72 @@ def test_closing_the_guest_aborts_a_stuck_prepare(
     assert len(outcome) == 1
     assert isinstance(outcome[0], errors.GuestError), outcome  # failed cleanly, typed
     assert list(staging_dir.iterdir()) == []  # the host staging dir went too
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("local", marks=pytest.mark.sandbox(guest="local"), id="local"),
+        pytest.param("ssh", marks=pytest.mark.sandbox(guest="ssh"), id="ssh"),
+    ],
+)
+def test_closing_the_guest_while_its_tar_is_frozen(
+    backend: str, sandbox_guest: Any, tmp_path: Path
+) -> None:
+    """Real stuck I/O: the guest's tar is SIGSTOPped, so our writes block on a full pipe."""
+    import signal
+
+    import psutil
+
+    from pytest_sandbox.workspace.workspace import prepare_workspace
+
+    repo = init_repo(tmp_path / "repo")
+    (repo / "tracked.txt").write_text("t\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "init")
+    with open(repo / "dirty.bin", "wb") as out:  # untracked + included: goes through the tar
+        out.write(os.urandom(32 << 20))
+    marker = (
+        ("PYTEST_SANDBOX_RESOURCE", sandbox_guest._tracked.token)
+        if backend == "local"
+        else ("PSB_TAG", f"{sandbox_guest.scratch}/")
+    )
+
+    def guest_tar() -> psutil.Process | None:
+        for proc in psutil.process_iter(["name"]):
+            try:
+                value = proc.environ().get(marker[0], "")
+            except psutil.Error:
+                continue
+            if proc.info["name"] == "tar" and value.startswith(marker[1]):
+                return proc
+        return None
+
+    outcome: list[BaseException | None] = []
+
+    def prepare() -> None:
+        try:
+            prepare_workspace(repo, sandbox_guest, include_untracked=True)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=prepare, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    tar = guest_tar()
+    while tar is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        tar = guest_tar()
+    assert tar is not None, "the guest's tar never started"
+    tar.send_signal(signal.SIGSTOP)
+    time.sleep(1.0)
+    assert thread.is_alive()  # stuck: the pipe is full and nobody reads it
+    started = time.monotonic()
+    sandbox_guest.close()
+    assert time.monotonic() - started < 30
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], errors.GuestClosed), outcome
+    assert not tar.is_running() or tar.status() == psutil.STATUS_ZOMBIE
