@@ -812,11 +812,18 @@ class ContainerGuest:
         try:
             threads[0].join(timeout)
             if threads[0].is_alive():
+                killed = self._kill_exec(exec_id)
                 with contextlib.suppress(OSError):
                     raw.shutdown(2)
                 raise GuestTimeout(
-                    f"{self!r}: {what} ran past its {timeout:g}s timeout; its streams were "
-                    "closed (the process is removed with the container). Raise timeout=."
+                    f"{self!r}: {what} ran past its {timeout:g}s timeout and "
+                    + (
+                        "was killed"
+                        if killed
+                        else "had its streams closed (a remote engine: "
+                        "the process ends with the container)"
+                    )
+                    + ". Raise timeout= or check what the command waits for."
                 )
             for thread in threads[1:]:
                 thread.join(10)
@@ -834,6 +841,29 @@ class ContainerGuest:
         except Exception as exc:
             raise self._api_error(exc, what) from exc
         return ExecResult(-1 if code is None else int(code), b"".join(out), b"".join(err))
+
+    def _kill_exec(self, exec_id: str) -> bool:
+        """Kill a still-running exec and its descendants (engine on this host only).
+
+        The engine has no exec-kill; ``exec_inspect`` gives the host pid while ``Running`` is
+        true, which is the identity check: that pid is the exec's process right now.
+        """
+        if not getattr(self.engine, "is_local", False):
+            return False
+        import psutil
+
+        try:
+            info = self.engine.client.api.exec_inspect(exec_id)
+            if not info.get("Running") or not info.get("Pid"):
+                return False
+            leader = psutil.Process(int(info["Pid"]))
+            victims = [leader, *leader.children(recursive=True)]
+        except Exception:
+            return False
+        for proc in victims:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return True
 
     def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
         """Unpack a tar stream at ``path`` (created if missing) with the container's ``tar``.
