@@ -91,6 +91,15 @@ class Guest(Protocol):
         env: Mapping[str, str] | None = None,
     ) -> ExecResult: ...
 
+    def run_script(
+        self,
+        script: str,
+        *args: str,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult: ...
+
     def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None: ...
 
     def read_file(self, path: str) -> bytes: ...
@@ -274,6 +283,17 @@ class _ProcessGuest:
         if writer_error:
             raise writer_error[0]
         return ExecResult(code, b"".join(out), b"".join(err))
+
+    def run_script(
+        self,
+        script: str,
+        *args: str,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run a POSIX ``sh`` script in the guest; ``args`` are ``$1..$n`` (never spliced in)."""
+        return self.run(script_argv(script, *args), stdin=stdin, timeout=timeout, env=env)
 
     def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
         """Unpack a tar stream at ``path`` (created if missing) with the guest's own ``tar``."""
@@ -864,6 +884,17 @@ class ContainerGuest:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         return True
+
+    def run_script(
+        self,
+        script: str,
+        *args: str,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run a POSIX ``sh`` script in the guest; ``args`` are ``$1..$n`` (never spliced in)."""
+        return self.run(script_argv(script, *args), stdin=stdin, timeout=timeout, env=env)
 
     def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
         """Unpack a tar stream at ``path`` (created if missing) with the container's ``tar``.

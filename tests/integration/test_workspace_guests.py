@@ -55,6 +55,12 @@ def test_exit_code_stdout_stderr_env(backend: str, sandbox_guest: Any) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_run_script_gets_args_never_spliced(backend: str, sandbox_guest: Any) -> None:
+    result = sandbox_guest.run_script('printf "%s|" "$@"; cat', *ODD_ARGS, stdin=b"in")
+    assert result.check("script").output.decode() == "".join(f"{a}|" for a in ODD_ARGS) + "in"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stdin_is_streamed(backend: str, sandbox_guest: Any) -> None:
     chunks = [os.urandom(1 << 20) for _ in range(8)]
     result = sandbox_guest.run(["sha256sum"], stdin=iter(chunks))
