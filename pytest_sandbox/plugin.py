@@ -652,7 +652,10 @@ def sandbox_guest(
             nodeid=request.node.nodeid,
         )
     elif backend == "ssh":
-        guest = request.getfixturevalue("sandbox_ssh_host").guest(tracker=_sandbox_tracker)
+        host = request.getfixturevalue("sandbox_ssh_host")
+        guest = host.guest(tracker=_sandbox_tracker)
+        if host.log_path is not None:
+            _attach_log(request, "sshd", host.log_path)
     else:
         guest = guests.LocalGuest(base_dir=sandbox_run.run_dir / "guests", tracker=_sandbox_tracker)
     yield guest
