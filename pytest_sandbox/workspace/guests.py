@@ -148,10 +148,52 @@ def _raw_chunks(source: TarSource | None) -> Iterator[bytes]:
 _PUT_TAR = 'mkdir -p -- "$1" && exec tar -x -f - -C "$1"'
 
 
+# --- what every backend builds on its own ``run`` ------------------------------------------
+
+
+class _ShellGuest:
+    """``run_script``, ``put_tar`` and ``read_file`` in terms of the backend's ``run``.
+
+    ``put_tar`` streams into the guest's own ``tar -x``, on containers too: the engine's
+    ``put_archive`` refuses a relative symlink pointing outside the target dir, which a
+    repository may legitimately hold (it is copied as a link).
+    """
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        raise NotImplementedError
+
+    def run_script(
+        self,
+        script: str,
+        *args: str,
+        stdin: StdinSource = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run a POSIX ``sh`` script in the guest; ``args`` are ``$1..$n`` (never spliced in)."""
+        return self.run(script_argv(script, *args), stdin=stdin, timeout=timeout, env=env)
+
+    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
+        """Unpack a tar stream at ``path`` (created if missing) with the guest's own ``tar``."""
+        self.run(script_argv(_PUT_TAR, path), stdin=stream, timeout=timeout).check(
+            f"{self!r}: unpacking a tar stream into {path}"
+        )
+
+    def read_file(self, path: str) -> bytes:
+        return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
+
+
 # --- guests that run commands as local processes (LocalGuest, SSHGuest) -------------------
 
 
-class _ProcessGuest:
+class _ProcessGuest(_ShellGuest):
     """Shared machinery: run an argv as a local child process, abort everything on close."""
 
     kind = "process"
@@ -283,26 +325,6 @@ class _ProcessGuest:
         if writer_error:
             raise writer_error[0]
         return ExecResult(code, b"".join(out), b"".join(err))
-
-    def run_script(
-        self,
-        script: str,
-        *args: str,
-        stdin: StdinSource = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        env: Mapping[str, str] | None = None,
-    ) -> ExecResult:
-        """Run a POSIX ``sh`` script in the guest; ``args`` are ``$1..$n`` (never spliced in)."""
-        return self.run(script_argv(script, *args), stdin=stdin, timeout=timeout, env=env)
-
-    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
-        """Unpack a tar stream at ``path`` (created if missing) with the guest's own ``tar``."""
-        self.run(script_argv(_PUT_TAR, path), stdin=stream, timeout=timeout).check(
-            f"{self!r}: unpacking a tar stream into {path}"
-        )
-
-    def read_file(self, path: str) -> bytes:
-        return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
 
     def _abort_active(self) -> list[str]:
         """Mark closed, kill local processes in flight; return the tags of those commands."""
@@ -701,7 +723,7 @@ SSH_RELEASER = f"{__name__}:release_ssh_guest"
 # --- ContainerGuest -----------------------------------------------------------------------
 
 
-class ContainerGuest:
+class ContainerGuest(_ShellGuest):
     """A container of the ``debian-git`` image (or ``image``), driven through the engine API.
 
     Created through :meth:`Engine.create_container` (labelled, ledger row first), started
@@ -884,30 +906,6 @@ class ContainerGuest:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         return True
-
-    def run_script(
-        self,
-        script: str,
-        *args: str,
-        stdin: StdinSource = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        env: Mapping[str, str] | None = None,
-    ) -> ExecResult:
-        """Run a POSIX ``sh`` script in the guest; ``args`` are ``$1..$n`` (never spliced in)."""
-        return self.run(script_argv(script, *args), stdin=stdin, timeout=timeout, env=env)
-
-    def put_tar(self, stream: TarSource, path: str, *, timeout: float = 600.0) -> None:
-        """Unpack a tar stream at ``path`` (created if missing) with the container's ``tar``.
-
-        Not the archive API: ``put_archive`` refuses a relative symlink pointing outside the
-        target dir, which a repository may legitimately hold (it is copied as a link).
-        """
-        self.run(script_argv(_PUT_TAR, path), stdin=stream, timeout=timeout).check(
-            f"{self!r}: unpacking a tar stream into {path}"
-        )
-
-    def read_file(self, path: str) -> bytes:
-        return self.run(["cat", "--", path]).check(f"{self!r}: reading {path}").output
 
     def close(self) -> None:
         """Remove the container (force): in-flight execs and tar streams fail. Idempotent."""
