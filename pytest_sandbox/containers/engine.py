@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
+
+from filelock import FileLock
 
 from pytest_sandbox.errors import DockerUnavailable, EngineError, LabelRefused
 from pytest_sandbox.runtime.identity import BOOT_ID, HOST, ProcessIdentity
@@ -270,26 +273,22 @@ class Engine:
         On an engine error the row is released (nothing was made) and :class:`EngineError`
         names the image. Returns (container, tracked).
         """
-        name, tracked, full = self._labelled(
+        return self._create(
             "container",
-            tracker,
+            lambda name, full: self.client.containers.create(
+                image, name=name, labels=full, **kwargs
+            ),
+            lambda name, exc: (
+                f"creating a container from image {image!r} failed: {exc}. Check the image "
+                "exists locally (sandbox_image builds busybox/debian-git offline)."
+            ),
+            tracker=tracker,
             nodeid=nodeid,
             shared=shared,
             labels=labels,
             name=name,
             extra_labels=extra_labels,
         )
-        try:
-            container = self.client.containers.create(image, name=name, labels=full, **kwargs)
-        except Exception as exc:
-            release_docker_object({"type": "container", "name": name, "engine": self.endpoint})
-            tracked.released()
-            raise EngineError(
-                f"creating a container from image {image!r} failed: {exc}. Check the image "
-                "exists locally (sandbox_image builds busybox/debian-git offline)."
-            ) from exc
-        tracked.update(key=container.id, id=container.id)
-        return container, tracked
 
     def create_volume(
         self,
@@ -301,21 +300,17 @@ class Engine:
         name: str | None = None,
         extra_labels: Mapping[str, str] | None = None,
     ) -> tuple[Any, Tracked]:
-        name, tracked, full = self._labelled(
+        return self._create(
             "volume",
-            tracker,
+            lambda name, full: self.client.volumes.create(name=name, labels=full),
+            lambda name, exc: f"creating volume {name!r} failed: {exc}",
+            tracker=tracker,
             nodeid=nodeid,
             shared=shared,
             labels=labels,
             name=name,
             extra_labels=extra_labels,
         )
-        try:
-            volume = self.client.volumes.create(name=name, labels=full)
-        except Exception as exc:
-            tracked.released()
-            raise EngineError(f"creating volume {name!r} failed: {exc}") from exc
-        return volume, tracked
 
     def create_network(
         self,
@@ -327,8 +322,35 @@ class Engine:
         name: str | None = None,
         extra_labels: Mapping[str, str] | None = None,
     ) -> tuple[Any, Tracked]:
-        name, tracked, full = self._labelled(
+        return self._create(
             "network",
+            lambda name, full: self.client.networks.create(name, labels=full, driver="bridge"),
+            lambda name, exc: f"creating network {name!r} failed: {exc}",
+            tracker=tracker,
+            nodeid=nodeid,
+            shared=shared,
+            labels=labels,
+            name=name,
+            extra_labels=extra_labels,
+        )
+
+    def _create(
+        self,
+        kind: str,
+        make: Callable[[str, dict[str, str]], Any],
+        failure: Callable[[str, Exception], str],
+        *,
+        tracker: ResourceTracker | None,
+        nodeid: str,
+        shared: bool,
+        labels: Mapping[str, str] | None,
+        name: str | None,
+        extra_labels: Mapping[str, str] | None,
+    ) -> tuple[Any, Tracked]:
+        """Label, record, then create; on an engine error release the row (and whatever the
+        engine half-made: a container or network can exist although the call failed)."""
+        name, tracked, full = self._labelled(
+            kind,
             tracker,
             nodeid=nodeid,
             shared=shared,
@@ -337,13 +359,15 @@ class Engine:
             extra_labels=extra_labels,
         )
         try:
-            network = self.client.networks.create(name, labels=full, driver="bridge")
+            made = make(name, full)
         except Exception as exc:
-            release_docker_object({"type": "network", "name": name, "engine": self.endpoint})
+            if kind != "volume":  # creating a volume by name never half-makes one
+                release_docker_object({"type": kind, "name": name, "engine": self.endpoint})
             tracked.released()
-            raise EngineError(f"creating network {name!r} failed: {exc}") from exc
-        tracked.update(key=network.id, id=network.id)
-        return network, tracked
+            raise EngineError(failure(name, exc)) from exc
+        if kind != "volume":  # a volume's key is its name already
+            tracked.update(key=made.id, id=made.id)
+        return made, tracked
 
     def mark_kept(self, container_id: str) -> str | None:
         """Mark a container kept: Docker labels are immutable after creation, so a container
@@ -488,6 +512,13 @@ def owner_is_dead(labels: Mapping[str, str]) -> bool:
     return reason is not None and "cannot be inspected" not in reason
 
 
+def sweep_lock() -> FileLock:
+    """The host-wide lock held around a label sweep (re-entrant in one process), so that two
+    sessions never sweep at once, and a test that plants orphans can hold sweeps off."""
+    path = os.path.join(tempfile.gettempdir(), f"psb-{os.getuid()}-docker-sweep.lock")
+    return FileLock(path, is_singleton=True, timeout=300)
+
+
 def sweep_orphans(
     current_run_id: str | Mapping[str, Any] | None = None,
     *,
@@ -543,38 +574,39 @@ def sweep_orphans(
         )
 
     try:
-        kept_ids = {
-            c["Id"] for c in client.api.containers(all=True, filters=flt) if kept_container(c)
-        }
-        for c in client.api.containers(all=True, filters=flt):
-            labels = c.get("Labels") or {}
-            if c["Id"] in kept_ids and not include_kept:
-                continue
-            if wanted(labels):
-                name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
-                if not dry_run:
-                    _remove_container(client, c["Id"])
-                removed.append(describe("container", name, labels))
-        for n in client.api.networks(filters=flt):
-            labels = n.get("Labels") or {}
-            attached = set(client.api.inspect_network(n["Id"]).get("Containers") or {})
-            if attached & kept_ids and not include_kept:
-                continue
-            if wanted(labels):
-                if not dry_run:
-                    _remove_network(client, n["Id"])
-                removed.append(describe("network", n["Name"], labels))
-        for v in client.api.volumes(filters=flt).get("Volumes") or []:
-            labels = v.get("Labels") or {}
-            users = {
-                u["Id"] for u in client.api.containers(all=True, filters={"volume": v["Name"]})
+        with sweep_lock():  # sweeps of concurrent sessions do not interleave
+            kept_ids = {
+                c["Id"] for c in client.api.containers(all=True, filters=flt) if kept_container(c)
             }
-            if users & kept_ids and not include_kept:
-                continue
-            if wanted(labels):
-                if not dry_run:
-                    _remove_volume(client, v["Name"], labels.get(L_TOKEN))
-                removed.append(describe("volume", v["Name"], labels))
+            for c in client.api.containers(all=True, filters=flt):
+                labels = c.get("Labels") or {}
+                if c["Id"] in kept_ids and not include_kept:
+                    continue
+                if wanted(labels):
+                    name = (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
+                    if not dry_run:
+                        _remove_container(client, c["Id"])
+                    removed.append(describe("container", name, labels))
+            for n in client.api.networks(filters=flt):
+                labels = n.get("Labels") or {}
+                attached = set(client.api.inspect_network(n["Id"]).get("Containers") or {})
+                if attached & kept_ids and not include_kept:
+                    continue
+                if wanted(labels):
+                    if not dry_run:
+                        _remove_network(client, n["Id"])
+                    removed.append(describe("network", n["Name"], labels))
+            for v in client.api.volumes(filters=flt).get("Volumes") or []:
+                labels = v.get("Labels") or {}
+                users = {
+                    u["Id"] for u in client.api.containers(all=True, filters={"volume": v["Name"]})
+                }
+                if users & kept_ids and not include_kept:
+                    continue
+                if wanted(labels):
+                    if not dry_run:
+                        _remove_volume(client, v["Name"], labels.get(L_TOKEN))
+                    removed.append(describe("volume", v["Name"], labels))
     finally:
         client.close()
     return removed

@@ -20,16 +20,25 @@ HTTPD = [
 ]
 
 
-def _ours(engine: Engine) -> set[str]:
-    """This run's containers (other suites may use the same engine concurrently)."""
+def _this_worker(engine: Engine) -> list[str]:
     assert engine.run is not None
-    flt = {"label": f"pytest-sandbox.run={engine.run.run_id}"}
+    return [
+        f"pytest-sandbox.run={engine.run.run_id}",
+        f"pytest-sandbox.worker={engine.run.worker_id}",
+    ]
+
+
+def _ours(engine: Engine) -> set[str]:
+    """This worker's containers (other workers of the run, and other suites, may use the
+    same engine concurrently)."""
+    assert engine.run is not None
+    flt = {"label": _this_worker(engine)}
     return {c["Id"] for c in engine.client.api.containers(all=True, filters=flt)}
 
 
 def _our_volumes(engine: Engine) -> set[str]:
     assert engine.run is not None
-    flt = {"label": f"pytest-sandbox.run={engine.run.run_id}"}
+    flt = {"label": _this_worker(engine)}
     found = engine.client.api.volumes(filters=flt).get("Volumes")
     return {v["Name"] for v in found or []}
 

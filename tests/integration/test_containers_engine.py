@@ -152,40 +152,43 @@ def _labels_of(owner: ProcessIdentity, run_id: str) -> dict[str, str]:
 def test_sweep_removes_only_dead_owners_objects(
     engine: Engine, busybox: str, cleanup: list[tuple[str, str]]
 ) -> None:
-    api = engine.client.api
-    dead = _dead_identity()
-    alive = ProcessIdentity.current()
-    orphan_net = api.create_network("psb-test-orphan-net", labels=_labels_of(dead, "deadrun"))
-    cleanup.append(("network", orphan_net["Id"]))
-    orphan_vol = api.create_volume("psb-test-orphan-vol", labels=_labels_of(dead, "deadrun"))
-    cleanup.append(("volume", orphan_vol["Name"]))
-    made = {}
-    for name, labels in {
-        "orphan": _labels_of(dead, "deadrun"),
-        "live-other-run": _labels_of(alive, "liverun"),
-        "decoy-unlabelled": {"app": "not-ours"},
-        "decoy-fake-prefix": {"pytest-sandboxx": "1", **engine_mod.owner_labels(dead)},
-        "decoy-no-token": {
-            "pytest-sandbox": "1",
-            "pytest-sandbox.run": "x",
-            **engine_mod.owner_labels(dead),
-        },
-        "current-run": _labels_of(dead, "thisrun"),
-    }.items():
-        created = api.create_container(
-            busybox, ["sleep", "60"], name=f"psb-test-{name}", labels=labels
+    # Other sessions on this host sweep at their start: hold them off while orphans are
+    # planted and swept here, or they would rightly remove them first.
+    with engine_mod.sweep_lock():
+        api = engine.client.api
+        dead = _dead_identity()
+        alive = ProcessIdentity.current()
+        orphan_net = api.create_network("psb-test-orphan-net", labels=_labels_of(dead, "deadrun"))
+        cleanup.append(("network", orphan_net["Id"]))
+        orphan_vol = api.create_volume("psb-test-orphan-vol", labels=_labels_of(dead, "deadrun"))
+        cleanup.append(("volume", orphan_vol["Name"]))
+        made = {}
+        for name, labels in {
+            "orphan": _labels_of(dead, "deadrun"),
+            "live-other-run": _labels_of(alive, "liverun"),
+            "decoy-unlabelled": {"app": "not-ours"},
+            "decoy-fake-prefix": {"pytest-sandboxx": "1", **engine_mod.owner_labels(dead)},
+            "decoy-no-token": {
+                "pytest-sandbox": "1",
+                "pytest-sandbox.run": "x",
+                **engine_mod.owner_labels(dead),
+            },
+            "current-run": _labels_of(dead, "thisrun"),
+        }.items():
+            created = api.create_container(
+                busybox, ["sleep", "60"], name=f"psb-test-{name}", labels=labels
+            )
+            made[name] = created["Id"]
+            cleanup.append(("container", created["Id"]))
+        kept = api.create_container(
+            busybox, ["true"], name="psb-test-orphan-kept", labels=_labels_of(dead, "deadrun")
         )
-        made[name] = created["Id"]
-        cleanup.append(("container", created["Id"]))
-    kept = api.create_container(
-        busybox, ["true"], name="psb-test-orphan-kept", labels=_labels_of(dead, "deadrun")
-    )
-    cleanup.append(("container", kept["Id"]))
-    engine.mark_kept(kept["Id"])
+        cleanup.append(("container", kept["Id"]))
+        engine.mark_kept(kept["Id"])
 
-    dry = sweep_orphans({"current_run_id": "thisrun", "dry_run": True})
-    assert api.containers(all=True, filters={"id": made["orphan"]})
-    removed = sweep_orphans("thisrun")
+        dry = sweep_orphans({"current_run_id": "thisrun", "dry_run": True})
+        assert api.containers(all=True, filters={"id": made["orphan"]})
+        removed = sweep_orphans("thisrun")
     assert sorted(dry) == sorted(removed)
     assert any(
         "psb-test-orphan " in r or r.startswith("docker container psb-test-orphan (")

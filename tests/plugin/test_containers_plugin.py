@@ -14,7 +14,12 @@ from typing import Any
 import psutil
 import pytest
 
-from pytest_sandbox.containers.engine import Engine, labels_for, release_docker_object
+from pytest_sandbox.containers.engine import (
+    Engine,
+    labels_for,
+    release_docker_object,
+    sweep_lock,
+)
 from pytest_sandbox.runtime.identity import ProcessIdentity
 
 pytest_plugins = ["pytester"]
@@ -136,9 +141,12 @@ def test_kill_9_with_reaper_killed_is_swept_by_the_next_session(
     state = tmp_path / "state"
     proc = _start_inner(tmp_path, state)
     run_id = _wait_for_objects(sandbox_docker, state, proc)
-    _kill_tree(proc, reaper_too=True)
-    time.sleep(1.0)
-    assert len(_objects(sandbox_docker, run_id)) == 5  # nobody cleaned up yet
+    # Other sessions on this host sweep dead owners' objects at their start: hold their
+    # sweeps off until it is shown that nothing of this run cleaned up after the kill.
+    with sweep_lock():
+        _kill_tree(proc, reaper_too=True)
+        time.sleep(1.0)
+        assert len(_objects(sandbox_docker, run_id)) == 5  # nobody cleaned up yet
     (tmp_path / "test_inner.py").write_text("def test_nothing():\n    pass\n")
     done = subprocess.run(
         [
