@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import result_row
 from pytest_sandbox.bundles.interop import free_port, nginx_argv, nginx_config
 from pytest_sandbox.bundles.manifest import file_url_path
 from pytest_sandbox.bundles.puller import BundlePuller
@@ -55,16 +56,12 @@ def _row(
     name: str, ours: float, peer: float, peer_name: str, unit: str, goal: float | None
 ) -> dict[str, Any]:
     ratio = ours / peer if peer else 0.0
-    return {
-        "name": name,
-        "ours": round(ours, 2),
-        "peer": round(peer, 2),
-        "peer_name": peer_name,
-        "unit": unit,
-        "ratio": round(ratio, 3),
-        "goal": f">= {goal}x" if goal is not None else "report",
-        "met": ratio >= goal if goal is not None else True,
-    }
+    return result_row(
+        name, round(ours, 2), round(peer, 2), peer_name, unit,
+        f">= {goal}x" if goal is not None else "report",
+        ratio >= goal if goal is not None else True,
+        ratio=round(ratio, 3),
+    )  # fmt: skip
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

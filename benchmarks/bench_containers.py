@@ -15,23 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import result_row as _row
+
 LOG_CMD = ["sh", "-c", "echo ready; exec sleep 600"]
-
-
-def _row(
-    name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str, met: bool
-) -> dict[str, Any]:
-    ratio = ours / peer if peer and peer == peer else float("nan")
-    return {
-        "name": name,
-        "ours": ours,
-        "peer": peer,
-        "peer_name": peer_name,
-        "unit": unit,
-        "ratio": ratio,
-        "goal": goal,
-        "met": met,
-    }
 
 
 def _median(samples: list[float]) -> float:

@@ -15,26 +15,12 @@ from typing import Any
 
 import psutil
 
+from benchmarks.common import result_row as row
 from pytest_sandbox.runtime.ledger import Ledger, Tracker
 from pytest_sandbox.runtime.processes import TrackedProcess
 from pytest_sandbox.runtime.run import RunContext
 
 RYUK_RECONNECT_TIMEOUT = 10.0  # testcontainers' Ryuk default (RYUK_RECONNECTION_TIMEOUT=10s)
-
-
-def row(
-    name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str, met: bool
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "ours": ours,
-        "peer": peer,
-        "peer_name": peer_name,
-        "unit": unit,
-        "ratio": ours / peer if peer else 0.0,
-        "goal": goal,
-        "met": met,
-    }
 
 
 def _pytest(directory: Path, *args: str, env: dict[str, str]) -> float:

@@ -15,25 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import result_row as row
 from pytest_sandbox.fsworker import FsWorker, FsWorkerPool
 from pytest_sandbox.fsworker.client import BOOT
 from pytest_sandbox.fsworker.policy import POLICY_ENV
-
-
-def row(
-    name: str, ours: float, peer: float, peer_name: str, unit: str, goal: str, met: bool,
-    ratio: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    return {
-        "name": name,
-        "ours": ours,
-        "peer": peer,
-        "peer_name": peer_name,
-        "unit": unit,
-        "ratio": ratio if ratio is not None else (ours / peer if peer else 0.0),
-        "goal": goal,
-        "met": met,
-    }
 
 
 def p95(values: list[float]) -> float:

@@ -25,37 +25,13 @@ import types
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import result_row as row
 from pytest_sandbox.launcher import BackendLauncher
 from pytest_sandbox.runtime.ledger import Ledger, Tracker
 from pytest_sandbox.runtime.run import RunContext
 
 XPROCESS_TERMINATE_DEFAULT = 20.0  # xprocess XProcessInfo.terminate(timeout=20)
 MIRAKURU_TIMEOUT_DEFAULT = 3600.0  # mirakuru SimpleExecutor(timeout=3600)
-
-
-def row(
-    name: str,
-    ours: float,
-    peer: float,
-    peer_name: str,
-    unit: str,
-    goal: str,
-    met: bool,
-    note: str = "",
-) -> dict[str, Any]:
-    found: dict[str, Any] = {
-        "name": name,
-        "ours": ours,
-        "peer": peer,
-        "peer_name": peer_name,
-        "unit": unit,
-        "ratio": ours / peer if peer else 0.0,
-        "goal": goal,
-        "met": met,
-    }
-    if note:
-        found["note"] = note
-    return found
 
 
 def _free_port() -> int:
@@ -220,7 +196,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     "s",
                     "report",
                     True,
-                    x_note,
+                    note=x_note,
                 )
             )
             rows.append(
@@ -232,7 +208,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
                     "s",
                     "report",
                     True,
-                    "mirakuru waits its timeout (default 3600 s) before SIGKILL; not measured",
+                    note="mirakuru waits its timeout (default 3600 s) before SIGKILL; not measured",
                 )
             )
             return rows

@@ -26,22 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import result_row
+
 
 def row(
     name: str, ours: float, peer: float, peer_name: str, goal: float, note: str
 ) -> dict[str, Any]:
     ratio = ours / peer if peer else 0.0
-    return {
-        "name": name,
-        "ours": round(ours * 1000, 1),
-        "peer": round(peer * 1000, 1),
-        "peer_name": peer_name,
-        "unit": "ms",
-        "ratio": round(ratio, 3),
-        "goal": f"<= {goal}x",
-        "met": ratio <= goal,
-        "note": note,
-    }
+    return result_row(
+        name, round(ours * 1000, 1), round(peer * 1000, 1), peer_name, "ms", f"<= {goal}x",
+        ratio <= goal, ratio=round(ratio, 3), note=note,
+    )  # fmt: skip
 
 
 def make_repo(root: Path, files: int, commits: int) -> Path:
