@@ -65,7 +65,10 @@ def main() -> int:
         )
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "latest.json").write_text(
+    # Only a run of every module may replace the committed results; a partial run (while working
+    # on one module) goes to a scratch file so it cannot clobber the others' rows.
+    target = results / ("partial.json" if args.only else "latest.json")
+    target.write_text(
         json.dumps(
             {
                 "quick": args.quick,
