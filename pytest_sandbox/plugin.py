@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -19,9 +19,11 @@ from pytest_sandbox import settings as settings_mod
 from pytest_sandbox.errors import SettingsError
 from pytest_sandbox.runtime import reaper as reaper_mod
 from pytest_sandbox.runtime.ledger import Ledger, Tracker
-from pytest_sandbox.runtime.processes import ReadySpec, TrackedProcess
 from pytest_sandbox.runtime.run import RunContext
 from pytest_sandbox.settings import SandboxSettings
+
+if TYPE_CHECKING:  # processes pulls in waiting/http.client: imported when a test needs it
+    from pytest_sandbox.runtime.processes import ReadySpec, TrackedProcess
 
 #: Environment sweepers run by the reaper at session start and by ``pytest-sandbox reap``:
 #: they release objects of a dead owner found by label rather than by ledger row.
@@ -39,11 +41,13 @@ class _Session:
     engine_probe: Future[str] | None = None
     swept: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
     final: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
+    #: node ids of tests with a failed phase so far (read by the keep policy at teardown)
+    failed: set[str] = field(default_factory=set)
+    #: logs to attach to a test's report if it fails, by node id; dropped after teardown
+    logs: dict[str, list[tuple[str, Path]]] = field(default_factory=dict)
 
 
 _SESSION = pytest.StashKey[_Session]()
-_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
-_LOGS = pytest.StashKey[list[tuple[str, Path]]]()
 
 
 def _state(config: pytest.Config) -> _Session:
@@ -72,7 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
     run.ensure_dirs()
     ledger = Ledger.in_state_dir(settings.state_dir)
     ledger.register_owner(run.run_id, run.worker_id, run.me)
-    config.stash[_SESSION] = _Session(settings=settings, run=run, ledger=ledger)
+    state = config.stash[_SESSION] = _Session(settings=settings, run=run, ledger=ledger)
+    config.pluginmanager.register(_ReportHooks(state), "sandbox-reports")
     if run.is_controller and settings.docker != "off":
         config.stash[_SESSION].engine_probe = _probe_engine_in_background()
     if config.pluginmanager.hasplugin("xdist"):
@@ -135,19 +140,34 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    item.stash.setdefault(_REPORTS, {})[report.when] = report
-    logs = item.stash.get(_LOGS, None)
-    if report.failed and logs:
-        from pytest_sandbox.runtime.processes import log_tail
+class _ReportHooks:
+    """Notes failed tests for the keep policy and attaches their logs.
 
-        for title, path in logs:
-            report.sections.append((f"sandbox log: {title} ({path})", log_tail(path, lines=50)))
-    return report
+    A plain ``logreport`` hook, not a ``makereport`` wrapper: it runs thrice per test, so it
+    must cost next to nothing for a passing one. ``tryfirst``: the sections must be on the
+    report before the terminal, junitxml and xdist (which ships it to the controller) see it.
+    """
+
+    def __init__(self, state: _Session) -> None:
+        self.state = state
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        _note_report(self.state, report)
+
+
+def _note_report(state: _Session, report: pytest.TestReport) -> None:
+    if report.failed:
+        state.failed.add(report.nodeid)
+        logs = state.logs.get(report.nodeid)
+        if logs:
+            from pytest_sandbox.runtime.processes import log_tail
+
+            for title, path in logs:
+                report.sections.append((f"sandbox log: {title} ({path})", log_tail(path, lines=50)))
+    if report.when == "teardown":
+        state.logs.pop(report.nodeid, None)
+        state.failed.discard(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -208,8 +228,7 @@ def _should_keep(request: pytest.FixtureRequest, settings: SandboxSettings) -> b
     if settings.keep == "always":
         return True
     if settings.keep == "failed":
-        reports = request.node.stash.get(_REPORTS, {})
-        return any(r.failed for r in reports.values())
+        return request.node.nodeid in _state(request.config).failed
     return False
 
 
@@ -229,7 +248,7 @@ def _finish(
 
 def _attach_log(request: pytest.FixtureRequest, title: str, path: Path) -> None:
     """Attach ``path``'s tail to the test's report if the test fails."""
-    request.node.stash.setdefault(_LOGS, []).append((title, path))
+    _state(request.config).logs.setdefault(request.node.nodeid, []).append((title, path))
 
 
 def _effective_settings(request: pytest.FixtureRequest) -> SandboxSettings:
@@ -271,7 +290,7 @@ def _sandbox_tracker(request: pytest.FixtureRequest, _sandbox_session_tracker: T
     return _sandbox_session_tracker.for_node(request.node.nodeid)
 
 
-ProcessFactory = Callable[..., TrackedProcess]
+ProcessFactory = Callable[..., "TrackedProcess"]
 
 
 @pytest.fixture
@@ -285,6 +304,8 @@ def sandbox_process(
     TCP port (int). Every process is stopped at teardown (SIGTERM, grace, SIGKILL to its whole
     group); if pytest dies, the run's reaper stops it.
     """
+    from pytest_sandbox.runtime.processes import TrackedProcess
+
     started: list[TrackedProcess] = []
 
     def factory(

@@ -311,6 +311,14 @@ def stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 0.0) -> None:
         reaper.wait(timeout=timeout)
 
 
+def _sweep_in_background(ledger: Ledger, sweepers: Sequence[str], *, current_run_id: str) -> None:
+    """Run the sweepers at low priority: they import the Docker SDK and list the engine's
+    objects, CPU the tests that just started need more (Linux nice values are per thread)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    run_sweepers(ledger, sweepers, current_run_id=current_run_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_sandbox.runtime.reaper")
     parser.add_argument("--state-dir", required=True, type=Path)
@@ -328,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The controller swept the ledger already; the slow sweepers (Docker) run here, beside
         # the watch loop so that a crash during the sweep is still noticed at once.
         sweeping = threading.Thread(
-            target=run_sweepers,
+            target=_sweep_in_background,
             args=(Ledger.in_state_dir(args.state_dir), args.sweepers.split(",")),
             kwargs={"current_run_id": args.run_id},
             daemon=True,
