@@ -1,9 +1,9 @@
-"""Foundation benchmarks: plugin overhead, crash clean-up latency, process start-to-ready."""
+"""Foundation benchmarks: plugin overhead and process start-to-ready (crash clean-up latency is
+in ``bench_crash``)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -13,14 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from benchmarks.common import result_row as row
 from pytest_sandbox.runtime.ledger import Ledger, Tracker
 from pytest_sandbox.runtime.processes import TrackedProcess
 from pytest_sandbox.runtime.run import RunContext
-
-RYUK_RECONNECT_TIMEOUT = 10.0  # testcontainers' Ryuk default (RYUK_RECONNECTION_TIMEOUT=10s)
 
 
 def _pytest(directory: Path, *args: str, env: dict[str, str]) -> float:
@@ -67,68 +63,6 @@ def plugin_overhead(quick: bool) -> dict[str, Any]:
         "s",
         "<= 1.05x",
         ratio <= 1.05,
-    )
-
-
-HOLDER = """
-import os, time
-from pathlib import Path
-def test_hold(sandbox_process):
-    p = sandbox_process(["sleep", "300"])
-    Path(os.environ["PIDS_FILE"]).write_text(str(p.pid))
-    time.sleep(300)
-"""
-
-
-def crash_cleanup(quick: bool) -> dict[str, Any]:
-    latencies = []
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        (directory / "test_hold.py").write_text(HOLDER)
-        for i in range(4 if quick else 10):
-            pids_file = directory / f"pid{i}"
-            env = {
-                **os.environ,
-                "PYTEST_SANDBOX_STATE_DIR": str(directory / "state"),
-                "PIDS_FILE": str(pids_file),
-            }
-            inner = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pytest",
-                    "-q",
-                    "-p",
-                    "no:cacheprovider",
-                    "-p",
-                    "no:xdist",
-                    "test_hold.py",
-                ],
-                cwd=directory,
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            while not pids_file.exists():
-                time.sleep(0.01)
-            pid = int(pids_file.read_text())
-            time.sleep(0.2)  # let the reaper pick up the owner
-            killed = time.perf_counter()
-            os.killpg(inner.pid, signal.SIGKILL)
-            inner.wait()
-            while psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie":
-                time.sleep(0.002)
-            latencies.append(time.perf_counter() - killed)
-    median = statistics.median(latencies)
-    return row(
-        "crash clean-up latency (kill -9 to gone), median",
-        median,
-        RYUK_RECONNECT_TIMEOUT,
-        "Ryuk default reconnection timeout",
-        "s",
-        "<= 1 s",
-        median <= 1.0,
     )
 
 
@@ -190,4 +124,4 @@ def start_to_ready(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    return [plugin_overhead(quick), crash_cleanup(quick), start_to_ready(quick)]
+    return [plugin_overhead(quick), start_to_ready(quick)]
