@@ -174,6 +174,11 @@ class EgressProxyError(SandboxError):
     """The egress proxy could not start, or failed while serving."""
 
 
+class FsNetIsolationUnavailable(FsKernelUnavailable):
+    """A network policy is set, the kernel layer is required, and neither Landlock network
+    rules (ABI >= 4) nor a user + network namespace can confine the worker's TCP egress."""
+
+
 # --- bundles ---
 
 

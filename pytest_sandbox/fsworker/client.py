@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from pytest_sandbox.errors import (
     FsKernelUnavailable,
+    FsNetIsolationUnavailable,
     FsPolicyDenied,
     FsWorkerConnectTimeout,
     FsWorkerError,
@@ -56,6 +57,11 @@ FRESH_ROOT_PREFIX = "psb-fs-"
 #: Variables passed from the test process to the worker; nothing else leaks into the sandbox.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM")
 EXIT_KERNEL = 3
+EXIT_NET = 4
+#: Testing/diagnostic knob: which kernel layer limits TCP egress (``auto``, ``landlock``,
+#: ``netns``); ``netns`` forces the network-namespace fallback on a kernel with Landlock ABI >= 4.
+NET_LAYER_ENV = "PYTEST_SANDBOX_FS_NET_LAYER"
+NET_LAYERS = ("auto", "landlock", "netns")
 
 
 class ProxyLike(Protocol):
@@ -140,9 +146,19 @@ class FsWorker:
         allow_debug: bool = False,
         frame_timeout: float | None = None,
         argv: Sequence[str] | None = None,
+        net_layer: str | None = None,
     ) -> None:
         if kernel not in ("auto", "require", "off"):
             raise ValueError(f"kernel must be 'auto', 'require' or 'off', got {kernel!r}")
+        if net_layer is None:
+            net_layer = os.environ.get(NET_LAYER_ENV) or "auto"
+        if net_layer not in NET_LAYERS:
+            raise ValueError(
+                f"net_layer (or ${NET_LAYER_ENV}) must be 'auto', 'landlock' or 'netns', "
+                f"got {net_layer!r}"
+            )
+        #: Testing/diagnostic: force the layer limiting TCP egress (see docs/fsworker.md).
+        self.net_layer = net_layer
         self.policy = policy if policy is not None else SandboxPolicy()
         self.proxy = proxy
         self.kernel = kernel
@@ -175,6 +191,8 @@ class FsWorker:
         self._closed = False
         self.identity: ProcessIdentity | None = None
         self.enforcement: frozenset[str] = frozenset()
+        #: What the worker could not apply under ``kernel="auto"`` (one line per layer).
+        self.degraded: tuple[str, ...] = ()
         self.landlock_abi = 0
         self.uid: int | None = None
         #: True once the worker answered an error or ran ``exec``: a pool never reuses it.
@@ -219,6 +237,11 @@ class FsWorker:
             argv += ["--uid", str(self.user), "--gid", str(self.user)]
         if self.proxy is not None:
             argv += ["--proxy-port", str(self.proxy.port)]
+            host = getattr(self.proxy, "host", "127.0.0.1")
+            if host != "127.0.0.1":
+                argv += ["--proxy-host", str(host)]
+        if self.net_layer != "auto":
+            argv += ["--net-layer", self.net_layer]
         if self.allow_debug:
             argv.append("--allow-debug")
         if self.frame_timeout is not None:
@@ -280,10 +303,20 @@ class FsWorker:
             self.enforcement = frozenset(info.get("enforcement", ()))
             self.landlock_abi = int(info.get("landlock_abi", 0))
             self.uid = info.get("uid")
+            self.degraded = tuple(info.get("degraded", ()))
             if self.kernel == "require" and "landlock" not in self.enforcement:
                 raise FsKernelUnavailable(
                     f"fs worker {self.socket_path} runs without Landlock "
                     f"(layers {sorted(self.enforcement)}) although the kernel layer is required"
+                )
+            if (
+                self.kernel == "require"
+                and self.policy.net is not None
+                and not self.enforcement & {"landlock-net", "netns"}
+            ):
+                raise FsNetIsolationUnavailable(
+                    f"fs worker {self.socket_path} has a network policy but neither "
+                    f"landlock-net nor netns is active (layers {sorted(self.enforcement)})"
                 )
         except BaseException:
             self.close()
@@ -326,6 +359,11 @@ class FsWorker:
         except subprocess.TimeoutExpired:
             code = None
         tail = log_tail(self.log_path)
+        if code == EXIT_NET:
+            raise FsNetIsolationUnavailable(
+                f"fs worker {self.socket_path} could not confine TCP egress to the proxy as "
+                f"required (exit code {code}):\n{tail.strip()}"
+            )
         if code == EXIT_KERNEL:
             raise FsKernelUnavailable(
                 f"fs worker {self.socket_path} could not apply the kernel layer it was required "

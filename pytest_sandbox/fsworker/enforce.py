@@ -1,4 +1,5 @@
-"""The kernel layer: Landlock (raw syscalls through ctypes), no_new_privs, dropping to a uid.
+"""The kernel layer: Landlock (raw syscalls through ctypes), no_new_privs, dropping to a uid,
+and the user + network namespace of the egress fallback (see :mod:`.egress`).
 
 Stdlib only (the worker imports this module at start-up). Landlock is an allow-list applied by
 a process to itself and inherited by everything it starts; it cannot be lifted. We handle every
@@ -14,6 +15,7 @@ the worker started is writable through its in-root path (the worker's own checks
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -253,6 +255,93 @@ def apply_landlock(plan: LandlockPlan) -> int:
     finally:
         os.close(ruleset)
     return count
+
+
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+PR_CAPBSET_DROP = 24
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
+CAP_LAST_CAP_MAX = 63
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+#: What to do where unprivileged user namespaces are refused (said in every netns error).
+NETNS_FIX = (
+    "allow user namespaces (sysctl user.max_user_namespaces > 0; on Debian/Ubuntu kernels "
+    "also kernel.unprivileged_userns_clone=1 or kernel.apparmor_restrict_unprivileged_userns=0), "
+    "or run on a kernel with Landlock ABI >= 4"
+)
+
+
+def enter_netns() -> None:
+    """Move this (single-threaded) process into a new user + network namespace.
+
+    The uid and gid are mapped to themselves (one id each: all an unprivileged process may
+    map), so file access is unchanged for a non-root uid; root keeps its powers only over
+    root-owned files, and loses every capability over the host (it cannot ``setns`` back).
+    The new namespace has only a loopback interface, brought up here. Raises
+    :class:`EnforceError` naming the step that failed and the fix.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        if _lib().unshare(CLONE_NEWUSER | CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    except OSError as exc:
+        raise EnforceError(
+            f"unshare(CLONE_NEWUSER|CLONE_NEWNET) failed as uid {uid}: {exc.strerror}; " + NETNS_FIX
+        ) from None
+    # After a setuid the process is not dumpable, and its /proc/self files belong to root:
+    # it could not write its own maps. Dumpable only for these writes.
+    dumpable = _lib().prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _lib().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):  # fmt: skip
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+    except OSError as exc:
+        raise EnforceError(f"writing {exc.filename} in the new user namespace failed: "
+                           f"{exc.strerror}") from None  # fmt: skip
+    finally:
+        if dumpable != 1:
+            _lib().prctl(PR_SET_DUMPABLE, max(dumpable, 0), 0, 0, 0)
+    loopback_up()
+
+
+def loopback_up() -> None:
+    """Bring ``lo`` up in the current network namespace (needs CAP_NET_ADMIN there)."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            request = struct.pack("16sH22x", b"lo", 0)
+            flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+        except OSError as exc:
+            raise EnforceError(f"cannot bring up lo in the new network namespace: "
+                               f"{exc.strerror}") from None  # fmt: skip
+
+
+def drop_bounding_capabilities() -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP, which :func:`enter_netns` gives).
+
+    After :func:`enter_netns` the worker holds every capability *inside* its namespaces; a
+    command it execs as uid 0 would get them all back (CAP_NET_ADMIN over the namespace, …).
+    With an empty bounding set an exec gains none. The worker keeps its own (they reach
+    nothing outside its namespaces), so a root worker still writes root-owned files as root.
+    """
+    lib = _lib()
+    for cap in range(CAP_LAST_CAP_MAX + 1):
+        if lib.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                return  # past the kernel's last capability
+            raise EnforceError(f"prctl(PR_CAPBSET_DROP, {cap}) failed: {os.strerror(err)}")
 
 
 def drop_privileges(uid: int, gid: int) -> None:

@@ -34,6 +34,9 @@ from pytest_sandbox.fsworker.policy import (
 
 EXIT_USAGE = 2
 EXIT_KERNEL = 3
+#: A network policy under ``--kernel require`` and no layer can confine TCP egress.
+EXIT_NET = 4
+NET_LAYERS = ("auto", "landlock", "netns")
 
 #: Largest file a ``read`` returns whole (base64 of it must fit in one frame).
 MAX_READ = 700_000
@@ -44,7 +47,8 @@ PR_SET_CHILD_SUBREAPER = 36
 
 USAGE = (
     "usage: python -m pytest_sandbox.fsworker --socket PATH [--root DIR] "
-    "[--kernel auto|require|off] [--uid N] [--gid N] [--proxy-port N] [--frame-timeout S]"
+    "[--kernel auto|require|off] [--uid N] [--gid N] [--proxy-port N] [--proxy-host IP] "
+    "[--net-layer auto|landlock|netns] [--frame-timeout S]"
 )
 
 
@@ -62,7 +66,7 @@ class Usage(Exception):
 
 def parse_args(argv: list[str]) -> dict[str, str]:
     options = {"--socket", "--root", "--kernel", "--uid", "--gid", "--proxy-port",
-               "--frame-timeout"}  # fmt: skip
+               "--proxy-host", "--net-layer", "--frame-timeout"}  # fmt: skip
     flags = {"--allow-debug"}
     parsed: dict[str, str] = {}
     i = 0
@@ -86,6 +90,8 @@ def parse_args(argv: list[str]) -> dict[str, str]:
         raise Usage("--socket PATH is required")
     if parsed.get("--kernel", "auto") not in ("auto", "require", "off"):
         raise Usage(f"--kernel must be auto, require or off, got {parsed['--kernel']!r}")
+    if parsed.get("--net-layer", "auto") not in NET_LAYERS:
+        raise Usage(f"--net-layer must be auto, landlock or netns, got {parsed['--net-layer']!r}")
     for name in ("--uid", "--gid", "--proxy-port"):
         if name in parsed and not parsed[name].isdigit():
             raise Usage(f"{name} must be a non-negative integer, got {parsed[name]!r}")
@@ -145,6 +151,7 @@ class Worker:
         landlock_abi: int,
         allow_debug: bool = False,
         exec_confined: bool = False,
+        degraded: list[str] | None = None,
     ) -> None:
         self.policy = policy
         self.resolved = resolved
@@ -153,6 +160,7 @@ class Worker:
         self.landlock_abi = landlock_abi
         self.allow_debug = allow_debug
         self.exec_confined = exec_confined
+        self.degraded = degraded or []
         self.stop = False
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
@@ -169,6 +177,7 @@ class Worker:
         }
         if allow_debug:
             self.handlers["debug_raw_write"] = self.debug_raw_write
+            self.handlers["debug_connect"] = self.debug_connect
 
     # --- dispatch ---------------------------------------------------------------------------
 
@@ -298,6 +307,7 @@ class Worker:
             "root": self.root,
             "enforcement": self.enforcement,
             "landlock_abi": self.landlock_abi,
+            "degraded": self.degraded,
         }
 
     def shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -517,6 +527,16 @@ class Worker:
             handle.write(base64.b64decode(_field(request, "content", str)))
         return {"path": path}
 
+    def debug_connect(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Test hook (``--allow-debug`` only): a TCP connect from the worker process itself."""
+        host = _field(request, "host", str)
+        port = _field(request, "port", int)
+        try:
+            with socket.create_connection((host, port), timeout=5.0):
+                return {"connected": True}
+        except OSError as exc:
+            return {"connected": False, "errno": exc.errno, "error": f"{type(exc).__name__}: {exc}"}
+
 
 def run_command(argv: list[str], timeout: float, cwd: str, policy: SandboxPolicy) -> dict[str, Any]:
     """Run ``argv`` in ``cwd`` (stdout+stderr merged, capped), then kill all it left behind."""
@@ -698,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if "--uid" in args:
         # What the handlers import lazily may sit where the new uid cannot read (/root/...).
+        import encodings.idna  # noqa: F401 - getaddrinfo() encodes host names with it
         import fnmatch  # noqa: F401
         import glob  # noqa: F401
         import re  # noqa: F401
@@ -711,16 +732,50 @@ def main(argv: list[str] | None = None) -> int:
         except enforce.EnforceError as exc:
             return _fail(EXIT_USAGE, str(exc))
         enforcement.append(f"uid:{uid}")
+    degraded: list[str] = []
+    egress_state: tuple[Any, Any, int] | None = None
     if kernel != "off":
         abi = enforce.landlock_abi()
         proxy_port = int(args["--proxy-port"]) if "--proxy-port" in args else None
+        proxy_host = args.get("--proxy-host", "127.0.0.1")
+        net_layer = args.get("--net-layer", "auto")
+        landlock_net = policy.net is not None and net_layer != "netns" and abi >= 4
+        if policy.net is not None and not landlock_net:
+            why_not_landlock = (
+                "Landlock network rules were not used (--net-layer netns)"
+                if abi >= 4
+                else f"Landlock ABI {abi} has no network rules (ABI >= 4 needed)"
+            )
+            problem: str | None = None
+            if net_layer == "landlock":
+                problem = "--net-layer landlock forbids the network-namespace fallback"
+            else:
+                try:
+                    egress_state = _enter_egress_netns(proxy_host, proxy_port)
+                except enforce.EnforceError as exc:
+                    problem = f"no network namespace either: {exc}"
+                else:
+                    enforcement.append("netns")
+            if problem is not None:
+                message = (
+                    f"TCP egress cannot be limited to the proxy: {why_not_landlock}; {problem}"
+                )
+                if kernel == "require":
+                    return _fail(
+                        EXIT_NET,
+                        f"--sandbox-kernel=require and the policy sets net: {message}. Fix: "
+                        f"{enforce.NETNS_FIX}; or --sandbox-kernel=auto to rely on the proxy "
+                        "variables alone (a command can then ignore them)",
+                    )
+                degraded.append(f"net: {message}")
+                sys.stderr.write(f"pytest_sandbox.fsworker: {message}\n")
         try:
             plan = enforce.plan_landlock(
                 abi=abi,
                 allow_write=resolved.allow_write,
                 deny_write_within_allow=resolved.deny_write_within_allow,
                 deny_read=resolved.deny_read,
-                limit_net=policy.net is not None,
+                limit_net=landlock_net,
                 connect_ports=[proxy_port] if proxy_port else [],
             )
             enforce.apply_landlock(plan)
@@ -732,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"(Landlock ABI {abi}). Use a kernel with Landlock enabled (lsm=landlock), "
                     "or --sandbox-kernel=auto to run with the worker's own checks only",
                 )
+            degraded.append(f"landlock: {exc}")
             sys.stderr.write(f"pytest_sandbox.fsworker: kernel layer off: {exc}\n")
         else:
             enforcement.append("landlock")
@@ -740,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
                 enforcement.append("landlock-net")
             if plan.scoped:
                 enforcement.append("landlock-scope")
+        if egress_state is not None and egress_state[0] is not None:
+            from pytest_sandbox.fsworker import egress
+
+            # after Landlock: a thread inherits the domain of the thread that starts it
+            egress.Forwarder(egress_state[0], egress_state[1]).start()
 
     worker = Worker(
         policy,
@@ -748,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
         landlock_abi=abi,
         allow_debug="--allow-debug" in args,
         exec_confined=exec_confined,
+        degraded=degraded,
     )
     frame_timeout = float(args.get("--frame-timeout", "10"))
     os.write(1, b"ready\n")
@@ -758,4 +820,47 @@ def main(argv: list[str] | None = None) -> int:
     listener.close()
     with conn:
         serve(conn, worker, frame_timeout)
+    if egress_state is not None:
+        _stop_connector(egress_state[1], egress_state[2])
     return 0
+
+
+def _enter_egress_netns(host: str, port: int | None) -> tuple[Any, Any, int]:
+    """Fork the egress connector, enter a fresh user + net namespace, listen on the proxy's
+    address in it. Returns (listener, channel, connector pid); no proxy: (None, None, 0)."""
+    from pytest_sandbox.fsworker import egress, enforce
+
+    chan, pid = egress.fork_connector(host, port) if port else (None, 0)
+    try:
+        enforce.enter_netns()
+        try:
+            listener = egress.listen(host, port) if port else None
+        except OSError as exc:
+            raise enforce.EnforceError(
+                f"cannot listen on {host}:{port} inside the network namespace: {exc.strerror}"
+            ) from None
+        enforce.drop_bounding_capabilities()
+    except enforce.EnforceError:
+        _stop_connector(chan, pid)
+        raise
+    return listener, chan, pid
+
+
+def _stop_connector(chan: Any, pid: int) -> None:
+    """Close the connector's channel (it exits on EOF) and reap it, so our group is empty."""
+    if chan is None:
+        return
+    chan.close()
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.005)
