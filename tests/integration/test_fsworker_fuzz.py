@@ -58,10 +58,10 @@ def frames_in(data: bytes) -> list[dict[str, object]]:
     return replies
 
 
-@pytest.fixture(scope="module")
-def long_lived() -> Iterator[FsWorker]:
-    """One worker for well-framed inputs: it must survive all of them."""
-    with FsWorker(frame_timeout=FRAME_TIMEOUT) as worker:
+@pytest.fixture(scope="module", params=[None, 65534], ids=["root", "uid65534"])
+def long_lived(request: pytest.FixtureRequest) -> Iterator[FsWorker]:
+    """One worker for well-framed inputs: it must survive all of them (as root and 65534)."""
+    with FsWorker(frame_timeout=FRAME_TIMEOUT, user=request.param) as worker:
         yield worker
 
 
@@ -162,9 +162,10 @@ SURVIVES = {"empty", "zero-length", "not-json", "not-utf8", "array", "no-kind", 
             "huge-string", "nul-path", "bad-base64"}  # fmt: skip
 
 
+@pytest.mark.parametrize("user", [None, 65534], ids=["root", "uid65534"])
 @pytest.mark.parametrize("name", sorted(CORPUS))
-def test_bad_frame_corpus(name: str) -> None:
-    with FsWorker(frame_timeout=FRAME_TIMEOUT) as worker:
+def test_bad_frame_corpus(name: str, user: int | None) -> None:
+    with FsWorker(frame_timeout=FRAME_TIMEOUT, user=user) as worker:
         sock = raw_connection(worker)
         sock.sendall(CORPUS[name])
         if name in SURVIVES:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import http.server
 import os
+import signal
 import sys
 import threading
 import time
@@ -240,3 +241,21 @@ def test_auto_degrades_and_reports(proxy: EgressProxy, tmp_path: Path) -> None:
         assert line.startswith("net: TCP egress cannot be limited to the proxy")
         assert "unshare" in line
         assert fs.get_env(["HTTP_PROXY"])["HTTP_PROXY"] == proxy.url  # the proxy env remains
+
+
+def test_connector_exits_when_the_worker_is_killed(proxy: EgressProxy) -> None:
+    """kill -9 of the worker alone (not its group) leaves no egress connector behind."""
+    fs = FsWorker(policy=POLICY, proxy=proxy, kernel="require", net_layer="netns").start()
+    try:
+        [connector] = [pid for pid in _group(fs.pid) if pid != fs.pid]
+        os.kill(fs.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{connector}/status"):
+            with open(f"/proc/{connector}/status") as status:
+                if "State:\tZ" in status.read():
+                    break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"egress connector {connector} outlived its worker")
+    finally:
+        fs.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import json
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +173,35 @@ def test_no_network_policy_leaves_tcp_alone(upstream: int) -> None:
         assert fs.exec(["curl", "-sS", f"http://127.0.0.1:{upstream}/free"]).output.startswith(
             b"upstream /free"
         )
+
+
+CA_VARS = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+
+
+@pytest.mark.parametrize("user", [None, 65534], ids=["root", "uid65534"])
+def test_worker_and_its_commands_get_proxy_and_ca_variables(
+    tmp_path: Path, user: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("PSB_TEST_SECRET", "hunter2")  # the test process's env stays out
+    monkeypatch.setenv("HTTPS_PROXY", "http://corporate.invalid:3128")  # overridden
+    policy = SandboxPolicy(net=NetPolicy(allow=["127.0.0.1"]))
+    with (
+        EgressProxy(allow=["127.0.0.1"], ca_bundle=bundle, no_proxy=["localhost"]) as egress,
+        FsWorker(policy=policy, proxy=egress, user=user, kernel="require") as fs,
+    ):
+        expected = egress.env()
+        assert set(expected) == {*PROXY_VARS, *CA_VARS}
+        assert fs.get_env([*expected, "PSB_TEST_SECRET"]) == {**expected, "PSB_TEST_SECRET": None}
+        printed = fs.exec(
+            [SYSTEM_PYTHON, "-c", "import os, json; print(json.dumps(dict(os.environ)))"]
+        )
+        seen = json.loads(printed.output)
+        for name, value in expected.items():
+            assert seen[name] == value, name
+        assert seen["SSL_CERT_FILE"] == str(bundle)
+        assert seen["NO_PROXY"] == "localhost"
+        assert "PSB_TEST_SECRET" not in seen
+        assert seen["HTTPS_PROXY"] == egress.url
