@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,42 @@ def docker_engine(timeout: float = 1.0) -> EngineInfo:
         return EngineInfo(endpoint, None, str(exc) or type(exc).__name__)
     finally:
         conn.close()
+
+
+def docker_labels(label: str, timeout: float = 2.0) -> list[dict[str, str]] | None:
+    """The labels of every container (running or not), network and volume carrying ``label``
+    (``key`` or ``key=value``), asked over the engine's Unix socket without the docker SDK.
+
+    None means "cannot tell" (no local Unix endpoint, no answer, an error): the caller must then
+    do its full, SDK-based work. Lets the start-up sweep skip importing the SDK when there is
+    nothing of ours on the engine, the common case.
+    """
+    endpoint = docker_endpoint()
+    if not endpoint.startswith("unix://"):
+        return None
+    path = endpoint[len("unix://") :]
+    query = urllib.parse.quote(json.dumps({"label": [label]}))
+    found: list[dict[str, str]] = []
+    try:
+        for resource, listed in (
+            (f"/containers/json?all=1&filters={query}", None),
+            (f"/networks?filters={query}", None),
+            (f"/volumes?filters={query}", "Volumes"),
+        ):
+            conn = _UnixHTTPConnection(path, timeout)
+            try:
+                conn.request("GET", resource)
+                response = conn.getresponse()
+                body = json.loads(response.read() or b"null")
+            finally:
+                conn.close()
+            if response.status != 200:
+                return None
+            items = (body or {}).get(listed) if listed else body
+            found.extend(dict(item.get("Labels") or {}) for item in items or [])
+    except (OSError, ValueError, AttributeError, http.client.HTTPException):
+        return None
+    return found
 
 
 def tool_version(name: str, argv: list[str]) -> str | None:
