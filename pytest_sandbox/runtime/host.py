@@ -91,6 +91,23 @@ def docker_engine(timeout: float = 1.0) -> EngineInfo:
         conn.close()
 
 
+def _endpoint_without_contexts() -> str | None:
+    """``DOCKER_HOST`` or the default socket; None when a docker CLI context may say otherwise
+    (resolving contexts needs the SDK, which is what the callers avoid)."""
+    if os.environ.get("DOCKER_HOST"):
+        return os.environ["DOCKER_HOST"]
+    if os.environ.get("DOCKER_CONTEXT", "default") != "default":
+        return None
+    config_dir = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    try:
+        current = json.loads((config_dir / "config.json").read_text()).get("currentContext")
+    except FileNotFoundError:
+        current = None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return docker_endpoint() if current in (None, "", "default") else None
+
+
 def docker_labels(label: str, timeout: float = 2.0) -> list[dict[str, str]] | None:
     """The labels of every container (running or not), network and volume carrying ``label``
     (``key`` or ``key=value``), asked over the engine's Unix socket without the docker SDK.
@@ -99,8 +116,8 @@ def docker_labels(label: str, timeout: float = 2.0) -> list[dict[str, str]] | No
     do its full, SDK-based work. Lets the start-up sweep skip importing the SDK when there is
     nothing of ours on the engine, the common case.
     """
-    endpoint = docker_endpoint()
-    if not endpoint.startswith("unix://"):
+    endpoint = _endpoint_without_contexts()
+    if endpoint is None or not endpoint.startswith("unix://"):
         return None
     path = endpoint[len("unix://") :]
     query = urllib.parse.quote(json.dumps({"label": [label]}))

@@ -63,3 +63,17 @@ def test_docker_labels_cannot_tell_without_a_local_socket(
     assert host.docker_labels("anything") is None
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-such.sock")
     assert host.docker_labels("anything") is None
+
+
+def test_docker_labels_defers_to_the_sdk_when_a_cli_context_is_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.setenv("DOCKER_CONTEXT", "remote")
+    assert host.docker_labels("anything") is None
+    monkeypatch.delenv("DOCKER_CONTEXT")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    (tmp_path / "config.json").write_text('{"currentContext": "remote"}')
+    assert host.docker_labels("anything") is None
+    (tmp_path / "config.json").write_text('{"currentContext": "default"}')
+    assert host.docker_labels("anything") is not None
