@@ -117,8 +117,12 @@ def _field(request: dict[str, Any], name: str, kind: type | tuple[type, ...]) ->
     return value
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (from /proc; we are a child subreaper)."""
+def _descendants(pid: int, spare: frozenset[int] = frozenset()) -> list[int]:
+    """Every live descendant of ``pid`` except the subtrees of ``spare`` (from /proc).
+
+    Called with the worker's own pid: as a child subreaper it inherits what an exec'd command
+    left running (a background job, a ``setsid`` daemon) once the command exits.
+    """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -134,6 +138,8 @@ def _descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         for child in children.get(todo.pop(), []):
+            if child in spare:
+                continue
             found.append(child)
             todo.append(child)
     return found
@@ -152,6 +158,7 @@ class Worker:
         allow_debug: bool = False,
         exec_confined: bool = False,
         degraded: list[str] | None = None,
+        helpers: frozenset[int] = frozenset(),
     ) -> None:
         self.policy = policy
         self.resolved = resolved
@@ -161,6 +168,8 @@ class Worker:
         self.allow_debug = allow_debug
         self.exec_confined = exec_confined
         self.degraded = degraded or []
+        #: Our own children (the egress connector) that cleaning up after exec must spare.
+        self.helpers = helpers
         self.stop = False
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "ping": self.ping,
@@ -518,7 +527,7 @@ class Worker:
                 "unavailable), so it could write outside the root. Run with Landlock, or set "
                 "exec_unconfined=True in the policy to accept that"
             )
-        return run_command(argv, float(timeout), self.root, self.policy)
+        return run_command(argv, float(timeout), self.root, self.policy, spare=self.helpers)
 
     def debug_raw_write(self, request: dict[str, Any]) -> dict[str, Any]:
         """Test hook (``--allow-debug`` only): a raw open+write with no policy check at all."""
@@ -538,8 +547,16 @@ class Worker:
             return {"connected": False, "errno": exc.errno, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def run_command(argv: list[str], timeout: float, cwd: str, policy: SandboxPolicy) -> dict[str, Any]:
-    """Run ``argv`` in ``cwd`` (stdout+stderr merged, capped), then kill all it left behind."""
+def run_command(
+    argv: list[str],
+    timeout: float,
+    cwd: str,
+    policy: SandboxPolicy,
+    *,
+    spare: frozenset[int] = frozenset(),
+) -> dict[str, Any]:
+    """Run ``argv`` in ``cwd`` (stdout+stderr merged, capped), then kill all it left behind:
+    every descendant of this worker but ``spare`` (its helpers)."""
     import selectors
     import subprocess
 
@@ -599,12 +616,14 @@ def run_command(argv: list[str], timeout: float, cwd: str, policy: SandboxPolicy
             if len(chunk) > room:
                 truncated = True
             out += chunk[: max(room, 0)]
-    for pid in [proc.pid, *_descendants(proc.pid)]:
+    left = {proc.pid, *_descendants(os.getpid(), spare)}
+    for pid in left:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     code = proc.wait()
     proc.stdout.close()
-    _reap_orphans()
+    left.discard(proc.pid)
+    _reap_orphans(left)
     return {
         "exit_code": code,
         "output": _b64(bytes(out)),
@@ -613,15 +632,21 @@ def run_command(argv: list[str], timeout: float, cwd: str, policy: SandboxPolicy
     }
 
 
-def _reap_orphans() -> None:
-    """Collect zombies of grandchildren re-parented to us (we are a child subreaper)."""
+def _reap_orphans(killed: set[int], wait: float = 1.0) -> None:
+    """Collect the zombies of what we just killed (each ends up our child: we are a child
+    subreaper), waiting up to ``wait`` seconds for them, and any other zombie child."""
+    deadline = time.monotonic() + wait
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
-        if pid == 0:
+        if pid:
+            killed.discard(pid)
+            continue
+        if not killed or time.monotonic() > deadline:
             return
+        time.sleep(0.001)
 
 
 def serve(conn: socket.socket, worker: Worker, frame_timeout: float) -> None:
@@ -810,6 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         allow_debug="--allow-debug" in args,
         exec_confined=exec_confined,
         degraded=degraded,
+        helpers=frozenset([egress_state[2]]) if egress_state and egress_state[2] else frozenset(),
     )
     frame_timeout = float(args.get("--frame-timeout", "10"))
     os.write(1, b"ready\n")

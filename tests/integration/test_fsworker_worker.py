@@ -131,6 +131,21 @@ def test_exec_output_timeout_and_cleanup(fs: FsWorker) -> None:
     assert pids_alive([background]) == []
 
 
+@pytest.mark.parametrize("user", [None, 65534], ids=["root", "uid65534"])
+def test_exec_kills_what_the_command_left_running(user: int | None) -> None:
+    """A background job and a setsid daemon outliving the command: gone when exec returns
+    (they were re-parented to the worker, a child subreaper), and reaped (no zombies)."""
+    with FsWorker(kernel="require", user=user) as fs:
+        script = (
+            "setsid sleep 60 >/dev/null 2>&1 & echo $! > daemon.pid; "
+            "sleep 60 >/dev/null 2>&1 & echo $! > job.pid"
+        )
+        assert fs.exec(["sh", "-c", script]).exit_code == 0
+        pids = [int((fs.root / name).read_text()) for name in ("daemon.pid", "job.pid")]
+        assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == []
+        assert fs.ping()["pid"] == fs.pid
+
+
 def test_exec_limits(tmp_path: Path) -> None:
     policy = SandboxPolicy(limits=Limits(open_files=16, output_bytes=10))
     with FsWorker(policy=policy) as fs:
