@@ -28,10 +28,10 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from pytest_sandbox.errors import (
     AbsoluteMemberName,
@@ -542,7 +542,20 @@ def is_gzip_name(path: Path | str) -> bool:
     return str(path).endswith((".gz", ".tgz"))
 
 
-def write_atomic(chunks: Iterable[bytes], dest: Path | str, *, mode: int = 0o600) -> int:
+def _writev_all(fd: int, pieces: list[bytes | memoryview]) -> None:
+    """``os.writev`` until every byte of ``pieces`` is written (writes may be partial)."""
+    while pieces:
+        done = os.writev(fd, pieces)
+        while pieces and done >= len(pieces[0]):
+            done -= len(pieces[0])
+            pieces = pieces[1:]
+        if done:
+            pieces[0] = memoryview(pieces[0])[done:]
+
+
+def write_atomic(
+    chunks: Iterable[bytes | memoryview], dest: Path | str, *, mode: int = 0o600
+) -> int:
     """Write ``chunks`` to a temp file beside ``dest``, fsync, rename. Returns bytes written."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -550,12 +563,21 @@ def write_atomic(chunks: Iterable[bytes], dest: Path | str, *, mode: int = 0o600
     written = 0
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as out:
+        try:
+            # gathered writes: many small pieces (stored gzip blocks) cost one syscall per MiB
+            batch: list[bytes | memoryview] = []
+            pending = 0
             for chunk in chunks:
-                out.write(chunk)
+                batch.append(chunk)
+                pending += len(chunk)
                 written += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+                if pending >= CHUNK or len(batch) >= 256:
+                    _writev_all(fd, batch)
+                    batch, pending = [], 0
+            _writev_all(fd, batch)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
         dir_fd = os.open(dest.parent, os.O_RDONLY)
@@ -659,3 +681,504 @@ def rewrite(
         yield b"\0" * (2 * tarfile.BLOCKSIZE)
 
     return _gzip(chunks(), level) if compress else chunks()
+
+
+# --- one-pass streaming (the Docker archive API's fast path) ---------------------------------
+
+#: gzip level of data snapshots: 1 is zlib's fastest real compression. Blocks that do not
+#: compress (random or already compressed data) are stored instead, whatever the level.
+GZIP_LEVEL = 1
+#: Bytes compressed independently (pigz-style): lets two threads share the work.
+GZIP_BLOCK = 1 << 20
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_EXT_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_LONG_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+#: A pax / GNU long-name record larger than this is refused (names are short; this is a bomb).
+MAX_EXTENDED_HEADER = 1 << 20
+
+
+def _block_size(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _pax_records(data: bytes, label: str) -> dict[str, str]:
+    """The ``"%d %s=%s\\n"`` records of a pax header (parsing stops, as tarfile's does, at the
+    first record that does not match)."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space <= pos or not data[pos:space].isdigit():
+            break
+        length = int(data[pos:space])
+        if length == 0:
+            raise CorruptArchive(label, "-", "has a pax record of length 0")
+        record = data[space + 1 : pos + length - 1]
+        key, eq, value = record.partition(b"=")
+        if not eq:
+            break
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _apply_pax(info: tarfile.TarInfo, headers: dict[str, str], label: str) -> None:
+    for key, value in headers.items():
+        if key.startswith("GNU.sparse"):
+            raise UnsupportedMember(label, info.name, "is a GNU sparse file (pax)")
+        if key == "path":
+            info.name = value.rstrip("/")
+        elif key == "linkpath":
+            info.linkname = value
+        elif key in ("size", "uid", "gid"):
+            try:
+                setattr(info, key, int(value))
+            except ValueError:
+                setattr(info, key, 0)
+        elif key in ("uname", "gname"):
+            setattr(info, key, value)
+        elif key == "mtime":
+            with contextlib.suppress(ValueError):
+                info.mtime = float(value)
+    info.pax_headers = dict(headers)
+
+
+class TarScanner:
+    """A tar parser fed with chunks as they arrive: it reads each member's header (pax and GNU
+    long names included), hands the :class:`tarfile.TarInfo` to ``on_member`` and skips the
+    file data without copying it. One pass, constant memory, no tarfile stream object.
+
+    With ``emit=True``, :meth:`feed` returns the archive's bytes to pass on: file data as
+    slices of the input, each header as it came, or regenerated when ``rename(info)`` returned
+    a new name (``./a`` -> ``a``). ``close()`` raises :class:`CorruptArchive` when the stream
+    stopped inside a member or (``require_end=True``) before the end-of-archive blocks: a
+    stream cut short is never mistaken for a complete snapshot.
+    """
+
+    def __init__(
+        self,
+        *,
+        label: str = "<stream>",
+        on_member: Callable[[tarfile.TarInfo], object] | None = None,
+        emit: bool = False,
+        rename: Callable[[tarfile.TarInfo], str | None] | None = None,
+        require_end: bool = False,
+    ) -> None:
+        self.label = label
+        self.on_member = on_member
+        self.emit = emit
+        self.rename = rename
+        self.require_end = require_end
+        self.members = 0
+        self.data_bytes = 0
+        self.ended = False
+        self._buf = bytearray()
+        self._want = tarfile.BLOCKSIZE
+        self._skip = 0
+        self._ext: tarfile.TarInfo | None = None
+        self._raw: list[bytes] = []  # extended-header units of the member being read
+        self._pax: dict[str, str] = {}
+        self._global: dict[str, str] = {}
+        self._longname: str | None = None
+        self._longlink: str | None = None
+        self._seen_any = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = []
+        view = memoryview(data).cast("B")
+        pos, end = 0, len(view)
+        if end:
+            self._seen_any = True
+        while pos < end:
+            if self.ended:  # after the end-of-archive marker: padding, ignored
+                break
+            if self._skip:
+                step = min(self._skip, end - pos)
+                if self.emit:
+                    out.append(view[pos : pos + step])
+                self._skip -= step
+                pos += step
+                continue
+            take = min(self._want - len(self._buf), end - pos)
+            self._buf += view[pos : pos + take]
+            pos += take
+            if len(self._buf) == self._want:
+                unit = bytes(self._buf)
+                self._buf.clear()
+                self._unit(unit, out)
+        return out
+
+    def _unit(self, unit: bytes, out: list[bytes | memoryview]) -> None:
+        if self._ext is not None:
+            self._extended(unit)
+            return
+        if unit == _ZERO_BLOCK:
+            if self._raw or self._pax or self._longname or self._longlink:
+                raise CorruptArchive(self.label, "-", "ends right after an extended header")
+            self.ended = True
+            if self.emit:
+                out.append(_ZERO_BLOCK * 2)
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(unit, tarfile.ENCODING, "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise CorruptArchive(
+                self.label, "-", f"has an invalid tar header after {self.members} members ({exc})"
+            ) from exc
+        if info.type in _EXT_TYPES or info.type in _LONG_TYPES:
+            if info.size > MAX_EXTENDED_HEADER:
+                raise CorruptArchive(
+                    self.label, info.name, f"has a {info.size}-byte extended header"
+                )
+            self._ext = info
+            self._raw.append(unit)
+            self._want = max(_block_size(info.size), tarfile.BLOCKSIZE)
+            if info.size == 0:
+                self._ext, self._want = None, tarfile.BLOCKSIZE
+            return
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsupportedMember(self.label, info.name, "is a GNU sparse file")
+        if self._global or self._pax:
+            _apply_pax(info, {**self._global, **self._pax}, self.label)
+        if self._longname is not None:
+            info.name = self._longname
+        if self._longlink is not None:
+            info.linkname = self._longlink
+        if info.isdir():
+            info.name = info.name.rstrip("/")
+        raw, self._raw = self._raw, []
+        self._pax, self._longname, self._longlink = {}, None, None
+        self.members += 1
+        if self.on_member is not None:
+            self.on_member(info)
+        if self.emit:
+            new_name = self.rename(info) if self.rename is not None else None
+            if new_name is None:
+                out.extend(raw)
+                out.append(unit)
+            else:
+                info.name = new_name
+                info.pax_headers = {
+                    k: v for k, v in info.pax_headers.items() if k not in ("path", "linkpath")
+                }
+                out.append(_header(info))
+        if info.isreg() or info.type not in tarfile.SUPPORTED_TYPES:
+            self._skip = _block_size(info.size)
+            self.data_bytes += info.size
+
+    def _extended(self, unit: bytes) -> None:
+        ext = self._ext
+        assert ext is not None
+        self._ext, self._want = None, tarfile.BLOCKSIZE
+        self._raw.append(unit)
+        data = unit[: ext.size]
+        if ext.type == tarfile.GNUTYPE_LONGNAME:
+            self._longname = data.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+        elif ext.type == tarfile.GNUTYPE_LONGLINK:
+            self._longlink = data.split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+        elif ext.type == tarfile.XGLTYPE:
+            self._global.update(_pax_records(data, self.label))
+        else:
+            self._pax.update(_pax_records(data, self.label))
+
+    def close(self) -> None:
+        """Raise :class:`CorruptArchive` unless the stream ended where an archive may end."""
+        if self.ended:
+            return
+        if not self._seen_any:
+            raise CorruptArchive(self.label, "-", "is empty (not even an end-of-archive block)")
+        at_boundary = not self._skip and not self._buf and self._ext is None and not self._raw
+        if not at_boundary or self.require_end:
+            raise CorruptArchive(
+                self.label,
+                "-",
+                f"is truncated after {self.members} members (the stream stopped "
+                f"{'inside a member' if not at_boundary else 'before the end-of-archive blocks'})",
+                "The engine or the file cut the archive short; export again.",
+            )
+
+
+def strip_dot(info: tarfile.TarInfo) -> str | None:
+    """``./a`` -> ``a`` (the root ``./`` stays ``.``); None when the name needs no change.
+
+    Docker's ``GET archive`` of ``/data/.`` names members ``./...``; data snapshots name them
+    relative to the data dir, as ``create`` does.
+    """
+    if not info.name.startswith("./"):
+        return None
+    if info.islnk() and info.linkname.startswith("./"):
+        info.linkname = info.linkname[2:].lstrip("/")
+    return info.name[2:].lstrip("/") or "."
+
+
+def scan(
+    chunks: Iterable[bytes],
+    *,
+    label: str = "<stream>",
+    rename: Callable[[tarfile.TarInfo], str | None] | None = strip_dot,
+    require_end: bool = True,
+) -> Generator[bytes, None, None]:
+    """Pass a tar stream through a :class:`TarScanner`: the same bytes (names renamed by
+    ``rename``), one output chunk per input chunk; raises :class:`CorruptArchive` at the end
+    when the stream was cut short."""
+    scanner = TarScanner(label=label, emit=True, rename=rename, require_end=require_end)
+    for chunk in chunks:
+        pieces = scanner.feed(chunk)
+        if len(pieces) == 1:
+            yield bytes(pieces[0]) if isinstance(pieces[0], memoryview) else pieces[0]
+        elif pieces:
+            yield b"".join(pieces)
+    scanner.close()
+
+
+def _stored(data: bytes) -> list[bytes | memoryview]:
+    """``data`` as non-final stored deflate blocks: 5-byte headers around slices of ``data``
+    (no copy, no zlib state: storing costs nothing but the CRC)."""
+    view = memoryview(data)
+    out: list[bytes | memoryview] = []
+    for start in range(0, len(data), 0xFFFF):
+        piece = view[start : start + 0xFFFF]
+        n = len(piece)
+        out.append(b"\x00" + n.to_bytes(2, "little") + (n ^ 0xFFFF).to_bytes(2, "little"))
+        out.append(piece)
+    return out
+
+
+def _deflate_block(data: bytes, level: int) -> list[bytes | memoryview]:
+    """Raw deflate of one block, ending byte-aligned and not final (pigz-style): blocks made
+    independently concatenate into one valid deflate stream."""
+    if level == 0:
+        return _stored(data)
+    if len(data) >= 1 << 16:
+        # a 4 KiB sample from the middle decides: data that does not shrink is stored
+        # (deflate of random bytes runs at ~60 MB/s; storing at memory speed). The probe's
+        # small window and hash keep its state small (no fresh pages per block).
+        mid = len(data) // 2
+        sample = data[mid : mid + (1 << 12)]
+        probe = zlib.compressobj(1, zlib.DEFLATED, -12, 4)
+        if len(probe.compress(sample)) + len(probe.flush()) > len(sample) * 0.92:
+            return _stored(data)
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return [comp.compress(data), comp.flush(zlib.Z_SYNC_FLUSH)]
+
+
+def gzip_blocks(
+    chunks: Iterable[bytes],
+    *,
+    level: int = GZIP_LEVEL,
+    threads: int | None = None,
+    block: int = GZIP_BLOCK,
+) -> Generator[bytes | memoryview, None, None]:
+    """gzip ``chunks`` as one gzip member made of independently deflated blocks.
+
+    Blocks (a chunk of at least ``block / 2`` bytes is one block, smaller ones are gathered)
+    are compressed on ``threads`` threads (zlib releases the GIL; default: 2 when the machine
+    has 2 cores or more) and yielded in order; a block that does not compress is stored.
+    Memory: about ``4 * threads`` blocks. Any gzip reader reads the result (one member).
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    if not 0 <= level <= 9:
+        raise ValueError(f"gzip level {level} is not in 0..9")
+    workers = max(1, threads if threads is not None else min(2, os.cpu_count() or 1))
+    crc, size = 0, 0
+    yield b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # gzip header: no name, no mtime
+    pending: list[Future[list[bytes | memoryview]]] = []
+    buf = bytearray()
+    with ThreadPoolExecutor(workers, thread_name_prefix="psb-gzip") as pool:
+        try:
+
+            def submit(data: bytes) -> Iterator[bytes | memoryview]:
+                nonlocal crc, size
+                crc = zlib.crc32(data, crc)
+                size += len(data)
+                pending.append(pool.submit(_deflate_block, data, level))
+                while len(pending) > workers * 2 or (pending and pending[0].done()):
+                    yield from pending.pop(0).result()
+
+            for chunk in chunks:
+                if not buf and len(chunk) >= block // 2:
+                    yield from submit(bytes(chunk))  # no copy for bytes
+                    continue
+                buf += chunk
+                if len(buf) >= block:
+                    data = bytes(buf)
+                    buf.clear()
+                    yield from submit(data)
+            if buf:
+                yield from submit(bytes(buf))
+            while pending:
+                yield from pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
+    final = zlib.compressobj(level, zlib.DEFLATED, -15)
+    yield (
+        final.flush(zlib.Z_FINISH)
+        + (crc & 0xFFFFFFFF).to_bytes(4, "little")
+        + (size & 0xFFFFFFFF).to_bytes(4, "little")
+    )
+
+
+def prefetch(
+    chunks: Iterable[bytes],
+    *,
+    depth: int = 16,
+    on_end: Callable[[], object] | None = None,
+) -> Generator[bytes, None, None]:
+    """Iterate ``chunks`` on a reader thread, up to ``depth`` chunks ahead, so that reading
+    (the engine's socket) overlaps what the consumer does with them (compress, write).
+
+    Closing the returned generator stops the reader at its next chunk and closes ``chunks``
+    (when it is a generator) on that thread. ``on_end()`` runs on the reader thread once
+    ``chunks`` is exhausted and closed, before the consumer sees the end (e.g. to restart a
+    container whose archive has been read while the last chunks are still being written).
+    """
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader() -> None:
+        it = iter(chunks)
+        complete = False
+        try:
+            for chunk in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("data", chunk), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            complete = True
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        if complete:
+            if on_end is not None:
+                with contextlib.suppress(Exception):  # its owner reports its failures
+                    on_end()
+            q.put(("end", None))
+
+    thread = threading.Thread(target=reader, name="psb-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "data":
+                yield value  # type: ignore[misc]
+            elif kind == "error":
+                assert isinstance(value, BaseException)
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.05)
+        thread.join()
+
+
+def decompressed(handle: IO[bytes], label: str, cap: int) -> Iterator[bytes]:
+    """The tar bytes of a tar / tar.gz / tar.bz2 / tar.xz file, in chunks of at most CHUNK
+    (a small compressed chunk never expands into a huge buffer); ``cap`` bounds the total.
+    Concatenated members and zero padding after the last one are read as gzip readers do."""
+    import bz2
+    import lzma
+
+    head = handle.read(CHUNK)
+    magic = next((m for m in (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00") if head.startswith(m)), None)
+    if magic is None:
+        data = head
+        while data:
+            yield data
+            data = handle.read(CHUNK)
+        return
+
+    def new() -> Any:
+        if magic == b"\x1f\x8b":
+            return zlib.decompressobj(31)
+        return bz2.BZ2Decompressor() if magic == b"BZh" else lzma.LZMADecompressor()
+
+    gz = magic == b"\x1f\x8b"
+    decomp = new()
+    total = 0
+    data = head
+    try:
+        while True:
+            if not data:
+                data = handle.read(CHUNK)
+                if not data:
+                    break
+            if decomp.eof:
+                data = data.lstrip(b"\0")  # zero padding after a member is allowed
+                if not data:
+                    continue
+                if not data.startswith(magic):
+                    raise CorruptArchive(label, "-", "has trailing garbage after its data")
+                decomp = new()
+            out = decomp.decompress(data, CHUNK)
+            data = decomp.unconsumed_tail if gz else b""
+            while True:
+                total += len(out)
+                if total > cap:
+                    raise ArchiveTooLarge(
+                        label, "-", f"expands to more than {cap} bytes", "Raise max_bytes."
+                    )
+                if out:
+                    yield out
+                if gz or decomp.eof or decomp.needs_input:
+                    break
+                out = decomp.decompress(b"", CHUNK)  # bz2/xz keep the rest buffered
+            if decomp.eof:
+                data = decomp.unused_data + data
+        if not decomp.eof:
+            raise CorruptArchive(label, "-", "is truncated (the compressed stream stops early)")
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+        raise CorruptArchive(label, "-", f"cannot be decompressed ({exc})") from exc
+
+
+def expansion_cap(max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS) -> int:
+    """The most tar bytes an archive within the limits can decompress to: the content plus
+    headers and padding, generously; a hard cap on a decompression bomb."""
+    return 2 * max_bytes + (max_members + 2) * 3 * tarfile.BLOCKSIZE
+
+
+def validate_stream(
+    src: Path | str | IO[bytes],
+    *,
+    label: str | None = None,
+    dest: Path | None = None,
+    max_bytes: int = MAX_BYTES,
+    max_member_bytes: int | None = None,
+    max_members: int = MAX_MEMBERS,
+) -> Summary:
+    """The checks of :func:`validate` in one streaming pass (a :class:`TarScanner` over the
+    decompressed bytes, read 1 MiB at a time): every refusal raises before anything is written.
+    For an archive handed to the engine (``import_data``), which extracts it itself."""
+    limits = _limits(max_bytes, max_member_bytes, max_members)
+    label = label or (str(src) if isinstance(src, Path | str) else "<stream>")
+    tree = _Tree(label, dest)
+    seen: set[str] = set()
+    summary = Summary()
+
+    def check(info: tarfile.TarInfo) -> None:
+        summary.names.append(_check_member(info, tree, seen, summary, limits))
+
+    scanner = TarScanner(label=label, on_member=check)
+    cap = expansion_cap(max_bytes, max_members)
+    with contextlib.ExitStack() as stack:
+        handle = stack.enter_context(open(src, "rb")) if isinstance(src, Path | str) else src
+        # read to the very end even after the end-of-archive blocks: the gzip CRC is checked
+        for chunk in decompressed(handle, label, cap):
+            scanner.feed(chunk)
+        scanner.close()
+    return summary

@@ -20,6 +20,7 @@ import re
 import secrets
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -526,66 +527,73 @@ class SandboxContainer:
         return info
 
     @contextlib.contextmanager
-    def _stopped(self) -> Iterator[None]:
-        """Hold the data lock, stop the container if it runs, and put it back afterwards."""
+    def _stopped(self, *, meanwhile: Callable[[], object] | None = None) -> Iterator[_Paused]:
+        """Hold the data lock, stop the container if it runs, and put it back afterwards.
+
+        ``meanwhile()`` runs while the engine stops the container (e.g. validating an archive:
+        it writes nothing); if it raises, the container is restarted and the error propagates.
+        """
         with self.data_lock():
             info = self._check_exportable()
-            was_running = bool(info["State"].get("Running"))
-            if was_running:
-                self.container.stop(timeout=int(self.grace))
+            paused = _Paused(self, info)
             failure: BaseException | None = None
             try:
-                yield
+                paused.stop(meanwhile)
+                yield paused
             except BaseException as exc:
                 failure = exc
                 raise
             finally:
-                if was_running:
-                    try:
-                        self.container.start()
-                        self.wait_ready()
-                    except Exception as exc:
-                        error = RestartFailed(
-                            f"container {self.name} was running before the data operation but "
-                            f"could not be restarted: {exc}"
-                        )
-                        if failure is not None:
-                            failure.add_note(f"and then: {error}")
-                        else:
-                            raise error from exc
+                paused.finish(failure)
 
-    def export_chunks(self, *, compress: bool = True) -> Generator[bytes, None, None]:
+    def export_chunks(
+        self, *, compress: bool = True, level: int = archive.GZIP_LEVEL
+    ) -> Generator[bytes | memoryview, None, None]:
         """Yield a tar(.gz) of the data dir (members relative to it) while the container is
         stopped; it is put back in its prior state when the generator finishes or is closed.
 
-        A missing data dir gives an empty archive. Streams: memory stays at a few MiB.
+        The engine's tar passes through unchanged but for the member names (``./a`` -> ``a``),
+        checked header by header as it streams (a stream cut short raises
+        :class:`~pytest_sandbox.errors.CorruptArchive` instead of ending a short archive);
+        gzip ``level`` (0-9, default 1) on two threads, blocks that do not compress stored.
+        A missing data dir gives an empty archive. Memory stays at a few MiB.
         """
-        with self._stopped():
-            response = _open_archive(self.engine, self.id, self.data_dir + "/.")
+        with self._stopped() as paused:
+            # the restart begins as soon as the engine's stream ended, while the last
+            # chunks are still compressed and written
+            chunks = archive_chunks(
+                self.container,
+                self.data_dir,
+                compress=compress,
+                level=level,
+                on_end=paused.restart_soon,
+            )
             try:
-                if response is None:  # no data dir: an empty archive
-                    yield from archive.rewrite(iter([b"\0" * 1024]), compress=compress)
-                    return
-                raw = response.raw.stream(archive.CHUNK, decode_content=False)
-                yield from archive.rewrite(raw, strip_first=True, compress=compress)
+                yield from chunks
             finally:
-                # the engine holds the container while an archive streams: close it before the
-                # restart in _stopped(), also when the consumer gives up mid-stream
-                if response is not None:
-                    response.close()
+                # the engine holds the container while an archive streams: stop reading before
+                # the restart in _stopped(), also when the consumer gives up mid-stream
+                chunks.close()
 
-    def export_data(self, dest: Path | str | IO[bytes], *, compress: bool | None = None) -> int:
+    def export_data(
+        self,
+        dest: Path | str | IO[bytes],
+        *,
+        compress: bool | None = None,
+        level: int = archive.GZIP_LEVEL,
+    ) -> int:
         """Write the data dir to ``dest`` (a path, written atomically with mode 0600, or a
-        binary file object). tar.gz unless ``dest`` is a path without ``.gz``/``.tgz``.
-        Returns the bytes written."""
+        binary file object). tar.gz unless ``dest`` is a path without ``.gz``/``.tgz``;
+        ``level`` is the gzip level (1 = fastest compression, 0 = stored). Returns the bytes
+        written."""
         if isinstance(dest, str | Path):
             gz = archive.is_gzip_name(dest) if compress is None else compress
-            chunks = self.export_chunks(compress=gz)
+            chunks = self.export_chunks(compress=gz, level=level)
             try:
                 return archive.write_atomic(chunks, dest)
             finally:
                 chunks.close()
-        chunks = self.export_chunks(compress=True if compress is None else compress)
+        chunks = self.export_chunks(compress=True if compress is None else compress, level=level)
         written = 0
         try:
             for chunk in chunks:
@@ -612,25 +620,45 @@ class SandboxContainer:
             raise ContainerError(f"import_data mode {mode!r}: use 'replace' or 'merge'")
         src = Path(src)
         with open(src, "rb") as handle:
-            summary = archive.validate(
-                handle, label=str(src), max_bytes=max_bytes, max_members=max_members
-            )
-            with self._stopped():
+            summary: list[archive.Summary] = []
+
+            def validate() -> None:
+                summary.append(
+                    archive.validate_stream(
+                        handle, label=str(src), max_bytes=max_bytes, max_members=max_members
+                    )
+                )
+
+            # the whole archive is validated (one streaming pass) while the engine stops the
+            # container: nothing is written before it passed; a refusal restarts the container
+            with self._stopped(meanwhile=validate) as paused:
                 if mode == "replace":
                     self._empty_data_dir()
-                self._ensure_data_dir()
+                if _volume_at(paused.info, self.data_dir) is None:
+                    self._ensure_data_dir()  # a volume's mount point always exists
                 handle.seek(0)
-                ok = self.engine.client.api.put_archive(
-                    self.id, self.data_dir, _file_chunks(handle)
+                # plain tar to the engine, decompressed here on a reader thread (zlib beats
+                # the engine's gunzip), 1 MiB at a time
+                tar = archive.prefetch(
+                    archive.decompressed(
+                        handle, str(src), archive.expansion_cap(max_bytes, max_members)
+                    )
                 )
-                if not ok:
-                    raise ContainerError(f"the engine refused the archive for {self.name}")
-        return summary
+                try:
+                    if not self.container.put_archive(self.data_dir, tar):
+                        raise ContainerError(f"the engine refused the archive for {self.name}")
+                finally:
+                    tar.close()
+        return summary[0]
 
     def _ensure_data_dir(self) -> None:
-        response = _open_archive(self.engine, self.id, self.data_dir + "/.")
-        if response is not None:
-            response.close()
+        try:
+            stream, _stat = self.container.get_archive(self.data_dir, chunk_size=archive.CHUNK)
+        except Exception as exc:
+            if not _not_found(exc) or "No such container" in str(exc):
+                raise
+        else:
+            stream.close()  # only the path's existence was asked
             return
         parent, _, base = self.data_dir.rpartition("/")
         buf = io.BytesIO()
@@ -638,7 +666,7 @@ class SandboxContainer:
             info = tarfile.TarInfo(base)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(info)
-        self.engine.client.api.put_archive(self.id, parent or "/", buf.getvalue())
+        self.container.put_archive(parent or "/", buf.getvalue())
 
     def _empty_data_dir(self) -> None:
         """Empty the data dir without a shell in the image: a helper container (the plugin's
@@ -662,24 +690,112 @@ class SandboxContainer:
         )
 
 
-def _open_archive(engine: Engine, ident: str, path: str) -> Any:
-    """The engine's ``GET /containers/{id}/archive`` response, streaming (None on 404).
+class _Paused:
+    """A data operation's hold on a container: stops it if it ran, restarts it once (early
+    with :meth:`restart_soon`, from any thread, or in :meth:`finish`); a failed restart is a
+    :class:`RestartFailed`."""
 
-    Done by hand because the SDK's ``get_archive`` gives no way to close the response early.
-    """
-    api = engine.client.api
-    response = api._get(
-        api._url("/containers/{0}/archive", ident), params={"path": path}, stream=True
-    )
-    if response.status_code == 404:
-        response.close()
-        return None
+    def __init__(self, owner: SandboxContainer, info: dict[str, Any]) -> None:
+        self.owner = owner
+        self.info = info
+        self.was_running = bool(info["State"].get("Running"))
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._finished = False
+        self._error: BaseException | None = None
+
+    def _stop(self) -> None:
+        self.owner.container.stop(timeout=int(self.owner.grace))
+
+    def stop(self, meanwhile: Callable[[], object] | None) -> None:
+        if not self.was_running:
+            if meanwhile is not None:
+                meanwhile()
+            return
+        if meanwhile is None:
+            self._stop()
+            return
+        errors: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                self._stop()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=stop, name="psb-stop", daemon=True)
+        thread.start()
+        try:
+            meanwhile()
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _restart(self) -> None:
+        try:
+            self.owner.container.start()
+            self.owner.wait_ready()
+        except Exception as exc:
+            self._error = exc
+
+    def restart_soon(self) -> None:
+        """Begin the restart now on a thread (the data has been read)."""
+        with self._lock:
+            if not self.was_running or self._finished or self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._restart, name="psb-restart", daemon=True)
+            self._thread.start()
+
+    def finish(self, failure: BaseException | None) -> None:
+        """Return the container to its prior state (wait for an early restart)."""
+        with self._lock:
+            self._finished = True
+            thread = self._thread
+        if not self.was_running:
+            return
+        if thread is None:
+            self._restart()
+        else:
+            thread.join()
+        if self._error is not None:
+            error = RestartFailed(
+                f"container {self.owner.name} was running before the data operation but "
+                f"could not be restarted: {self._error}"
+            )
+            if failure is not None:
+                failure.add_note(f"and then: {error}")
+            else:
+                raise error from self._error
+
+
+def archive_chunks(
+    container: Any,
+    data_dir: str,
+    *,
+    compress: bool = True,
+    level: int = archive.GZIP_LEVEL,
+    on_end: Callable[[], object] | None = None,
+) -> Generator[bytes | memoryview, None, None]:
+    """The tar(.gz) of ``data_dir``'s content as the engine's ``GET archive`` gives it: read on
+    a prefetch thread (socket reads overlap compression and writing), names made relative,
+    checked while streaming, gzipped in independent blocks. An empty archive when the data
+    dir is missing. Closing the generator closes the engine's stream."""
     try:
-        api._raise_for_status(response)
-    except BaseException:
-        response.close()
-        raise
-    return response
+        stream, _stat = container.get_archive(data_dir.rstrip("/") + "/.", chunk_size=archive.CHUNK)
+    except Exception as exc:
+        if not _not_found(exc) or "No such container" in str(exc):
+            raise
+        stream = iter([b"\0" * 1024])  # no data dir: an empty archive (documented)
+    tar = archive.scan(
+        archive.prefetch(stream, on_end=on_end), label=f"container {container.name}:{data_dir}"
+    )
+    out = archive.gzip_blocks(tar, level=level) if compress else tar
+    try:
+        yield from out
+    finally:
+        out.close()
+        tar.close()
 
 
 def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:

@@ -28,7 +28,7 @@ from pytest_sandbox.containers.container import (
     L_DATA_DIR,
     L_IMAGE,
     SandboxContainer,
-    _open_archive,
+    archive_chunks,
 )
 from pytest_sandbox.containers.engine import L_KEY, L_ROLE, LABEL, Engine
 from pytest_sandbox.errors import SnapshotError
@@ -196,16 +196,11 @@ def _export_volume(engine: Engine, volume: str, data_dir: str) -> Any:
         volumes={volume: {"bind": data_dir, "mode": "ro"}},
         extra_labels={L_ROLE: "helper"},
     )
-    response = _open_archive(engine, container.id, data_dir + "/.")
+    chunks = archive_chunks(container, data_dir, compress=True)
     try:
-        if response is None:
-            yield from archive.rewrite(iter([b"\0" * 1024]), compress=True)
-        else:
-            raw = response.raw.stream(archive.CHUNK, decode_content=False)
-            yield from archive.rewrite(raw, strip_first=True, compress=True)
+        yield from chunks
     finally:
-        if response is not None:
-            response.close()
+        chunks.close()
         with contextlib.suppress(Exception):
             container.remove(force=True)
         tracked.released()

@@ -8,7 +8,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -370,3 +370,113 @@ def test_create_is_atomic_on_failure(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         archive.write_atomic(broken(), dest)  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the one-pass streaming path (import_data validates with it; export_data emits with it) ---
+
+
+@pytest.mark.parametrize(("name", "build", "error", "limits"), CORPUS, ids=[c[0] for c in CORPUS])
+def test_streaming_validation_refuses_the_whole_corpus(
+    name: str,
+    build: Callable[[], bytes],
+    error: type[errors.UnsafeArchive],
+    limits: dict[str, int],
+) -> None:
+    data = build()
+    with pytest.raises(error):
+        archive.validate_stream(io.BytesIO(data), **limits)
+    # the same refusal when the archive comes gzipped in several members, as pigz writes them
+    raw = data if not data.startswith(b"\x1f\x8b") else None
+    if raw is not None:
+        half = len(raw) // 2
+        multi = gzip.compress(raw[:half]) + gzip.compress(raw[half:])
+        with pytest.raises(error):
+            archive.validate_stream(io.BytesIO(multi), **limits)
+
+
+def test_streaming_validation_counts_what_tarfile_counts(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"x" * 5000)
+    (src / ("long-" + "n" * 200)).write_text("é")
+    (src / "l").symlink_to("d/f")
+    for suffix in (".tar", ".tar.gz"):
+        dest = archive.create(src, tmp_path / f"a{suffix}")
+        assert archive.validate_stream(dest).names == archive.validate(dest).names
+    bomb = gzip.compress(_tar([_file("z", b"\0" * (4 << 20))]))
+    with pytest.raises(errors.ArchiveTooLarge):
+        archive.validate_stream(io.BytesIO(bomb), max_bytes=1 << 20)
+    with pytest.raises(errors.CorruptArchive, match="truncated"):
+        archive.validate_stream(io.BytesIO(bomb[: len(bomb) // 2]))
+    with pytest.raises(errors.CorruptArchive, match="garbage"):
+        archive.validate_stream(io.BytesIO(bomb + b"trailing junk"))
+
+
+@pytest.mark.parametrize("level", [0, 1, 6])
+def test_gzip_blocks_is_one_valid_gzip_member(level: int) -> None:
+    text = b"compressible line of text\n" * 100_000
+    noise = os.urandom(3 << 20)
+    for payload in (b"", text, noise + text[:700_000], noise):
+        pieces = [payload[i : i + 300_000] for i in range(0, len(payload), 300_000)]
+        out = b"".join(archive.gzip_blocks(pieces, level=level))
+        assert gzip.decompress(out) == payload
+        assert len(out) < len(payload) + len(payload) // 500 + 64  # stored blocks cost ~0.01%
+    assert len(b"".join(archive.gzip_blocks([text], level=1))) < len(text) // 20
+
+
+def test_scan_strips_dot_slash_and_detects_a_cut_stream() -> None:
+    members = [_dir("./"), _file("./a", b"x" * 1000), _file("./é" + "n" * 150, b"yy")]
+    hard = _hard("./h", "./a")
+    raw = _tar([*members, hard])
+    out = b"".join(archive.scan(raw[i : i + 777] for i in range(0, len(raw), 777)))
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        assert [(m.name, m.linkname) for m in tar] == [
+            (".", ""),
+            ("a", ""),
+            ("é" + "n" * 150, ""),
+            ("h", "a"),
+        ]
+        handle = tar.extractfile("a")
+        assert handle is not None
+        assert handle.read() == b"x" * 1000
+    with pytest.raises(errors.CorruptArchive, match="inside a member"):
+        b"".join(archive.scan([raw[:2000]]))
+    no_end = raw[: raw.rindex(b"yy") + 512]
+    with pytest.raises(errors.CorruptArchive, match="end-of-archive"):
+        b"".join(archive.scan([no_end]))
+
+
+def test_prefetch_stops_and_closes_its_source_when_the_consumer_gives_up() -> None:
+    closed: list[bool] = []
+    ended: list[bool] = []
+
+    def source() -> Iterator[bytes]:
+        try:
+            for _ in range(1000):
+                yield b"x" * 1024
+        finally:
+            closed.append(True)
+
+    chunks = archive.prefetch(source(), depth=2, on_end=lambda: ended.append(True))
+    next(chunks)
+    chunks.close()
+    assert closed == [True]
+    assert ended == []
+    assert b"".join(archive.prefetch(source(), on_end=lambda: ended.append(True))) == (
+        b"x" * 1024 * 1000
+    )
+    assert ended == [True]
+
+    def failing() -> Iterator[bytes]:
+        yield b"a"
+        raise OSError("engine went away")
+
+    with pytest.raises(OSError, match="went away"):
+        b"".join(archive.prefetch(failing()))
+
+
+def test_write_atomic_gathers_small_pieces(tmp_path: Path) -> None:
+    pieces = [os.urandom(n) for n in (5, 70_000, 3, 1 << 20, 0, 17)] * 50
+    views = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
+    assert archive.write_atomic(views, tmp_path / "out") == sum(map(len, pieces))
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
