@@ -240,3 +240,69 @@ def test_data_lock_serialises_operations(sandbox_container: Factory, tmp_path: P
         other = c.data_lock()
         with pytest.raises(Exception, match=r"could not be acquired|Timeout"):
             other.acquire(timeout=0.2)
+
+
+# Runs in a fresh interpreter so that the peak RSS is the data operation's alone.
+_MEASURE = """
+import json, os, sys, threading
+from pathlib import Path
+from pytest_sandbox.containers.container import SandboxContainer
+from pytest_sandbox.containers.engine import Engine
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+cid, dest, lock_dir, what = sys.argv[1:5]
+engine = Engine()
+c = SandboxContainer.attach(engine, cid, lock_dir=Path(lock_dir))
+c.inspect()  # the client's connection pool is up (the baseline includes the docker SDK)
+base = peak = rss()
+done = threading.Event()
+
+def sample():
+    global peak
+    while not done.wait(0.005):
+        peak = max(peak, rss())
+
+sampler = threading.Thread(target=sample)
+sampler.start()
+size = c.export_data(dest) if what == "export" else c.import_data(dest, mode="merge").total_bytes
+done.set()
+sampler.join()
+peak = max(peak, rss())
+print(json.dumps({"growth_kib": (peak - base) // 1024, "bytes": size}))
+"""
+
+
+def _peak_growth(c: SandboxContainer, dest: Path, what: str) -> dict[str, int]:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, c.id, str(dest), str(c.lock_dir), what],
+        capture_output=True,
+        check=True,
+        timeout=300,
+        start_new_session=True,
+    )
+    return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+
+
+@pytest.mark.slow
+def test_export_and_import_stream_with_bounded_memory(
+    sandbox_container: Factory, tmp_path: Path
+) -> None:
+    # 320 MiB of incompressible data in 80 files: a buffering implementation grows by all of it
+    c = sandbox_container("busybox", command=SLEEP)
+    fill = "for i in $(seq 80); do head -c 4194304 /dev/urandom > /data/f$i; done"
+    assert c.exec(["sh", "-c", fill]).exit_code == 0
+    size = 80 << 22
+    exported = _peak_growth(c, tmp_path / "big.tar.gz", "export")
+    assert exported["bytes"] > size  # stored, not shrunk: every byte went through the process
+    assert exported["growth_kib"] < 100 * 1024, exported
+    imported = _peak_growth(c, tmp_path / "big.tar.gz", "import")
+    assert imported["bytes"] == size
+    assert imported["growth_kib"] < 100 * 1024, imported
+    assert c.status == "running"
