@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_sandbox.errors import (
     FsKernelUnavailable,
@@ -48,6 +48,9 @@ from pytest_sandbox.runtime.processes import (
     stop_group,
 )
 from pytest_sandbox.runtime.run import default_socket_root
+
+if TYPE_CHECKING:
+    from pytest_sandbox.fsworker.zygote import ForkedProcess, Zygote
 
 BOOT = str(Path(__file__).with_name("_boot.py"))
 KIND = "fsworker"
@@ -147,6 +150,7 @@ class FsWorker:
         frame_timeout: float | None = None,
         argv: Sequence[str] | None = None,
         net_layer: str | None = None,
+        zygote: Zygote | None = None,
     ) -> None:
         if kernel not in ("auto", "require", "off"):
             raise ValueError(f"kernel must be 'auto', 'require' or 'off', got {kernel!r}")
@@ -185,7 +189,9 @@ class FsWorker:
         self._own_log = log_path is None
         self._tracker = tracker
         self._tracked: Tracked | None = None
-        self._popen: subprocess.Popen[bytes] | None = None
+        #: A pool's fork server: when set (and alive), the worker is forked from it.
+        self.zygote = zygote
+        self._popen: subprocess.Popen[bytes] | ForkedProcess | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -231,8 +237,12 @@ class FsWorker:
     def argv(self) -> list[str]:
         if self._argv_override is not None:
             return self._argv_override
-        argv = [sys.executable, "-I", "-S", BOOT, "--socket", str(self.socket_path),
-                "--root", str(self.root), "--kernel", self.kernel]  # fmt: skip
+        return [sys.executable, "-I", "-S", BOOT, *self.worker_args()]
+
+    def worker_args(self) -> list[str]:
+        """The worker's own arguments (what follows ``python -m pytest_sandbox.fsworker``)."""
+        argv = ["--socket", str(self.socket_path), "--root", str(self.root),
+                "--kernel", self.kernel]  # fmt: skip
         if self.user is not None:
             argv += ["--uid", str(self.user), "--gid", str(self.user)]
         if self.proxy is not None:
@@ -283,14 +293,7 @@ class FsWorker:
         try:
             if self._fresh_root and self.user is not None:
                 os.chown(self._root, self.user, self.user)
-            self._popen = spawn(
-                self.argv(),
-                log_path=self.log_path,
-                env=self.env(),
-                token=self._tracked.token,
-                stdout=subprocess.PIPE,
-                inherit_env=False,
-            )
+            self._popen = self._launch(self._tracked.token)
             with contextlib.suppress(Exception):
                 self.identity = ProcessIdentity.of(self._popen.pid)
             if self.identity is not None:
@@ -322,6 +325,26 @@ class FsWorker:
             self.close()
             raise
         return self
+
+    def _launch(self, token: str) -> subprocess.Popen[bytes] | ForkedProcess:
+        zygote = self.zygote
+        if zygote is not None and self._argv_override is None and zygote.alive:
+            try:
+                return zygote.spawn(
+                    self.worker_args(), env=self.env(), log_path=self.log_path, token=token
+                )
+            except FsWorkerError:
+                if zygote.alive:
+                    raise
+                # the zygote died under us: a plain spawn does the same job, only slower
+        return spawn(
+            self.argv(),
+            log_path=self.log_path,
+            env=self.env(),
+            token=token,
+            stdout=subprocess.PIPE,
+            inherit_env=False,
+        )
 
     def _wait_ready(self) -> None:
         popen = self._popen
@@ -529,16 +552,22 @@ class FsWorker:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=min(self.grace, 1.0))
             if self.identity is not None and self._group_alive(popen.pid):
+                ours = popen if isinstance(popen, subprocess.Popen) else None
                 with contextlib.suppress(IdentityMismatch):
                     stop_group(
                         self.identity,
                         grace=self.grace,
-                        popen=popen,
+                        popen=ours,
                         token=self._tracked.token if self._tracked else None,
                     )
+                if ours is None:  # forked by a zygote: its status pipe says when it is gone
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        popen.wait(timeout=5.0)
             elif popen.poll() is None:
                 popen.kill()
                 popen.wait()
+            if not isinstance(popen, subprocess.Popen):
+                popen.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if self._fresh_root and self._root is not None and not keep:

@@ -3,8 +3,11 @@
 A worker is lent to one holder at a time. When it comes back (``close()`` on it) it is reset
 to a pristine state — a fresh root emptied, the worker pinged — and goes back to its bucket;
 a worker that answered an error, ran ``exec``, died, or whose root cannot be reset is stopped
-instead. Refills of an emptied bucket run on a background thread, so ``acquire()`` from a warm
-bucket is a list pop. Usable without pytest; ``close()`` stops every worker it made.
+instead — on a background thread, so a test that ran ``exec`` does not wait for its worker to
+stop. Buckets are topped up to ``size`` idle workers on background threads as soon as one is
+lent, so ``acquire()`` from a warm bucket is a list pop, and an acquire that finds the bucket
+empty waits for the refill already under way instead of spawning a second worker beside it.
+Usable without pytest; ``close()`` stops every worker it made.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_sandbox.errors import FsWorkerError
-from pytest_sandbox.fsworker.client import FsWorker, ProxyLike
+from pytest_sandbox.fsworker.client import FsWorker, ProxyLike, _scratch_dir
 from pytest_sandbox.fsworker.policy import SandboxPolicy
 from pytest_sandbox.runtime.ledger import ResourceTracker
 from pytest_sandbox.runtime.run import RunContext
+
+if TYPE_CHECKING:
+    from pytest_sandbox.fsworker.zygote import Zygote
 
 BucketKey = tuple[str | None, str, tuple[int, int] | None, str, int | None]
 
@@ -56,8 +62,14 @@ class FsWorkerPool:
         tracker: ResourceTracker | None = None,
         run: RunContext | None = None,
         worker_options: dict[str, Any] | None = None,
+        zygote: bool = True,
     ) -> None:
         self.size = size
+        #: Fork workers from a fork server (:mod:`.zygote`) instead of starting interpreters.
+        self.use_zygote = zygote
+        self._zygote: Zygote | None = None
+        self._zygote_lock = threading.Lock()
+        self._zygote_failed: str | None = None
         self.kernel = kernel
         self.user = user
         self._tracker = tracker
@@ -68,7 +80,11 @@ class FsWorkerPool:
         self._all: dict[int, FsWorker] = {}
         self._pending: dict[BucketKey, int] = defaultdict(int)
         self._lock = threading.Lock()
+        #: Notified whenever a refill ends (a worker went idle, or the spawn failed).
+        self._refilled = threading.Condition(self._lock)
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fsworker-pool")
+        # stopping discarded workers must not hold up refills: a pool of its own
+        self._stopper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fsworker-stop")
         self._futures: list[Future[None]] = []
         self._closed = False
         self._root_state: dict[int, tuple[int, int, int]] = {}
@@ -94,9 +110,30 @@ class FsWorkerPool:
             user,
         )
 
+    def zygote(self) -> Zygote | None:
+        """The pool's fork server, started on first use; None when off or it cannot start."""
+        if not self.use_zygote or self._zygote_failed is not None:
+            return None
+        with self._zygote_lock:
+            if self._zygote is None and self._zygote_failed is None and not self._closed:
+                from pytest_sandbox.fsworker.zygote import Zygote
+
+                if self._run is not None:
+                    log_path = self._run.new_log_path("fszygote")
+                else:
+                    log_path = _scratch_dir() / f"zygote-{os.getpid()}-{id(self):x}.log"
+                zygote = Zygote(log_path=log_path, tracker=self._tracker)
+                try:
+                    self._zygote = zygote.start()
+                except FsWorkerError as exc:
+                    # workers are still started, as plain interpreters: slower, same result
+                    self._zygote_failed = str(exc)
+            return self._zygote
+
     def _spawn(self, key: BucketKey, proxy: ProxyLike | None) -> FsWorker:
         root, policy_json, _, kernel, user = key
         options = dict(self._options)
+        options.setdefault("zygote", self.zygote())
         if self._run is not None:
             options.setdefault("socket_path", self._run.new_socket_path("fs"))
             options.setdefault("log_path", self._run.new_log_path("fsworker"))
@@ -120,21 +157,22 @@ class FsWorkerPool:
         return worker
 
     def _refill(self, key: BucketKey) -> None:
+        worker: FsWorker | None = None
         try:
-            if self._closed:
-                return
-            worker = self._spawn(key, None)
+            if not self._closed:
+                worker = self._spawn(key, None)
         finally:
             with self._lock:
                 self._pending[key] -= 1
-        with self._lock:
-            if not self._closed:
-                self._idle[key].append(worker)
-                return
-        worker.terminate()
+                if worker is not None and not self._closed:
+                    self._idle[key].append(worker)
+                    worker = None
+                self._refilled.notify_all()
+        if worker is not None:
+            worker.terminate()
 
     def _schedule_refill(self, key: BucketKey) -> None:
-        """Keep ``size`` idle workers in a bucket without a proxy (called under the lock)."""
+        """Top up a bucket without a proxy to ``size`` idle workers (called under the lock)."""
         if key[2] is not None or self._closed:
             return
         missing = self.size - len(self._idle[key]) - self._pending[key]
@@ -159,10 +197,11 @@ class FsWorkerPool:
         key = self._key(root, policy, proxy, kernel, user if user is not None else self.user)
         with self._lock:
             idle = self._idle[key]
+            # a refill is under way: wait for it rather than spawn a second worker beside it
+            while not idle and self._pending[key] > 0 and not self._closed:
+                self._refilled.wait()
             worker = idle.pop() if idle else None
-            if not idle:
-                # refill only an empty bucket: returned workers keep a steady one full
-                self._schedule_refill(key)
+            self._schedule_refill(key)
         if worker is None:
             worker = self._spawn(key, proxy)
         else:
@@ -249,11 +288,23 @@ class FsWorkerPool:
         return None
 
     def _discard(self, worker: FsWorker) -> None:
+        """Stop ``worker`` in the background (``close()`` stops what is still queued)."""
         with self._lock:
-            self._all.pop(id(worker), None)
             self._root_state.pop(id(worker), None)
             self.stats["discarded"] += 1
+            if not self._closed:
+                with contextlib.suppress(RuntimeError):  # the stopper is shutting down
+                    self._futures.append(self._stopper.submit(self._stop, worker))
+                    return
+            self._all.pop(id(worker), None)
         worker.terminate()
+
+    def _stop(self, worker: FsWorker) -> None:
+        try:
+            worker.terminate()
+        finally:
+            with self._lock:
+                self._all.pop(id(worker), None)
 
     # --- introspection and teardown ---------------------------------------------------------
 
@@ -278,8 +329,12 @@ class FsWorkerPool:
         """Stop every worker this pool made (idle and lent). Idempotent."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            self._refilled.notify_all()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        # queued stops not yet started are cancelled: their workers are still in _all
+        self._stopper.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             workers = list(self._all.values())
             self._all.clear()
@@ -290,6 +345,13 @@ class FsWorkerPool:
             worker._pool = None
             try:
                 worker.terminate()
+            except Exception as exc:
+                errors.append(exc)
+        with self._zygote_lock:
+            zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            try:
+                zygote.close()
             except Exception as exc:
                 errors.append(exc)
         if errors:

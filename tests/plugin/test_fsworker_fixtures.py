@@ -162,6 +162,8 @@ def test_killed(sandbox_fs, sandbox_fs_factory):
                      daemon=True).start()
     workers = [sandbox_fs, busy, sandbox_fs_factory()]
     out = Path(os.environ["FS_RECORD"])
+    assert sandbox_fs.zygote is not None  # workers are forked by the pool's fork server
+    Path(str(out) + ".zygote").write_text(str(sandbox_fs.zygote.pid))
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps([
         {"pid": w.pid, "socket": str(w.socket_path), "root": str(w.root)} for w in workers
@@ -185,3 +187,6 @@ def test_kill_9_of_pytest(
     # The guarantee: the run's reaper releases every row of the dead owner — processes
     # stopped (identity checked), sockets and fresh roots removed.
     assert_all_gone(record, state_dir, timeout=15.0)
+    # and the fork server is gone too (its control socket closed with pytest)
+    zygote = int(Path(str(record) + ".zygote").read_text())
+    wait_until(lambda: pids_alive([zygote]) == [], 15.0)

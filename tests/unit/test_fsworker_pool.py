@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,6 +112,7 @@ def test_workers_of_a_closed_proxy_are_not_reused(pool: FsWorkerPool) -> None:
     pid = worker.pid
     proxy.close()
     worker.close()
+    pool.drain()  # discarded workers are stopped in the background
     assert pids_alive([pid]) == []
 
 
@@ -148,3 +152,28 @@ def test_close_stops_idle_and_lent_workers() -> None:
     assert not any(r.exists() for r in roots)
     with pytest.raises(FsWorkerError, match="closed"):
         pool.acquire()
+
+
+def test_acquire_waits_for_the_refill_under_way_instead_of_spawning_beside_it() -> None:
+    with FsWorkerPool(size=1, kernel="off") as pool:
+        first = pool.acquire()  # empty bucket, nothing pending: spawned here, refill queued
+        second = pool.acquire()  # the refill is pending: this acquire takes it
+        assert second.pid != first.pid
+        pool.drain()
+        assert pool.stats["spawned"] == 3  # first, the refill, the top-up after the second
+        assert pool.stats["reused"] == 1
+
+
+def test_a_discarded_worker_is_stopped_in_the_background(pool: FsWorkerPool) -> None:
+    worker = pool.acquire()
+    pid = worker.pid
+    worker.exec(["true"])  # tainted: discarded at close
+    os.kill(pid, signal.SIGSTOP)  # it cannot answer shutdown: stopping it takes >= 1 s
+    try:
+        worker.close()  # returns at once: the test does not wait for the stop
+        assert pids_alive([pid]) == [pid]
+        pool.drain()
+        assert pids_alive([pid]) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
