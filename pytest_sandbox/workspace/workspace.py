@@ -23,6 +23,7 @@ HEAD, object store and ``git status`` are untouched; nothing is written to ``/tm
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import secrets
 import shutil
@@ -30,6 +31,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,11 +42,12 @@ from pytest_sandbox.errors import (
     GuestClosed,
     GuestCommandFailed,
     GuestPathInUse,
+    HostGitFailed,
     InvalidWorkspaceArgument,
 )
 from pytest_sandbox.runtime.ledger import ResourceTracker, track
 from pytest_sandbox.workspace.guests import Guest, script_argv
-from pytest_sandbox.workspace.repo import WorkspacePlan, git, git_env, plan_workspace
+from pytest_sandbox.workspace.repo import WorkspacePlan, git_env, plan_workspace
 
 CHUNK = 1 << 20
 _MARKER = ".psb-staging"
@@ -54,17 +57,25 @@ _IN_USE = 3
 _PREPARE = r"""
 set -eu
 stage=$1 dest=$2 mode=$3 base=$4 branch=$5 identity=$6
-trap 'rm -rf -- "$stage"' EXIT
-mkdir -p -- "$stage"
-tar -x -f - -C "$stage"
+made= existed=
+# a failed prepare leaves neither the staging dir nor a half-made workspace behind
+cleanup() {
+    if [ -e "$stage" ]; then rm -rf -- "$stage"; fi
+    if [ -n "$made" ]; then rm -rf -- "$dest"; [ -z "$existed" ] || mkdir -p -- "$dest"; fi
+}
+trap cleanup EXIT
 if [ -e "$dest" ] || [ -L "$dest" ]; then
     if [ ! -d "$dest" ] || [ -n "$(ls -A -- "$dest")" ]; then
         echo "guest path $dest exists and is not empty" >&2; exit 3
     fi
+    existed=1
     rmdir -- "$dest"
 fi
 if [ "$mode" = full_copy ]; then
+    mkdir -p -- "$stage"
+    tar -x -f - -C "$stage"
     mv -- "$stage/tree" "$dest"
+    made=1
     cd -- "$dest"
     if [ -n "$base" ]; then
         git -c advice.detachedHead=false checkout -q -f -B "$branch" "$base"
@@ -74,31 +85,22 @@ if [ "$mode" = full_copy ]; then
     # the copied index holds the host's stat data: refresh it once here
     git update-index -q --refresh >/dev/null || :
 else
-    mkdir -- "$dest"
+    # made while host git is still packing the history: the tar below waits for it
+    made=1
+    git init -q -- "$dest"
     cd -- "$dest"
-    git init -q .
-    if [ "$mode" = clone ]; then
-        # our own complete bundle: index its pack and write the refs directly (a fetch would
-        # add a connectivity walk over the whole history)
-        git bundle unbundle "$stage/repo.bundle" >"$stage/refs"
-        grep -E '^[0-9a-f]+ refs/(heads|tags)/' "$stage/refs" >.git/packed-refs || :
-    else
-        git index-pack --stdin <"$stage/base.pack" >/dev/null
-        printf '%s\n' "$base" >.git/shallow
-    fi
-    if [ -n "$branch" ]; then
-        git update-ref "refs/heads/$branch" "$base"
-        git symbolic-ref HEAD "refs/heads/$branch"
-    else
-        git update-ref --no-deref HEAD "$base"
-    fi
+    # straight into .git: the pack with its index, packed-refs, HEAD (and shallow), plus the
+    # host's changed files and deletions under .git/psb-prepare
+    tar -x -f - -C .git
     git reset -q --hard
     # the host's working tree on top: deletions, then the files that differ from the base
-    if [ -s "$stage/deleted" ]; then xargs -0 rm -f -- <"$stage/deleted"; fi
-    cp -a -- "$stage/tree/." .
+    if [ -s .git/psb-prepare/deleted ]; then xargs -0 rm -f -- <.git/psb-prepare/deleted; fi
+    if [ -d .git/psb-prepare/tree ]; then cp -a -- .git/psb-prepare/tree/. .; fi
+    if [ -e .git/psb-prepare ]; then rm -rf -- .git/psb-prepare; fi
 fi
 if [ -n "$identity" ]; then printf '%s' "$identity" >>.git/config; fi
 git rev-parse HEAD
+made=
 """
 
 _EXPORT = r"""
@@ -336,31 +338,128 @@ def release_staging(details: Mapping[str, Any]) -> None:
 RELEASER = f"{__name__}:release_staging"
 
 
-def _payload(plan: WorkspacePlan, staging: Path) -> tuple[str, Path] | None:
-    root = plan.repo.root
-    if plan.mode == "clone":
-        bundle = staging / "repo.bundle"
-        revs = ["--branches", "--tags", "HEAD"]
-        if plan.base_commit != plan.repo.head_commit:
-            revs.append(plan.base_commit)
-        git(root, "bundle", "create", "-q", str(bundle), *revs)
-        return "repo.bundle", bundle
-    if plan.mode == "shallow":
-        pack = staging / "base.pack"
-        objects = git(root, "rev-list", "--objects", "-n", "1", plan.base_commit)
-        with open(pack, "wb") as out:
-            done = subprocess.run(
-                ["git", "-C", str(root), "pack-objects", "-q", "--stdout"],
-                input=objects,
-                stdout=out,
+class _Payload:
+    """The history sent with a clone/shallow prepare, built on the host in the background.
+
+    ``git pack-objects`` writes a pack *and its index* of what ``git bundle create --branches
+    --tags HEAD <base>`` would carry (``clone``; the base commit's objects alone for
+    ``shallow``) into the staging dir, while the guest command starts (an SSH session or an
+    exec costs about as much). The guest only drops the two files into ``.git/objects/pack``:
+    no ``index-pack`` re-hashing every object there. ``packed-refs`` (branches and tags as on
+    the host, the branch asked for at the base) and ``HEAD`` are written here too.
+    :meth:`entries` waits for it when the tar stream gets there; ``cancel()`` kills host git.
+    """
+
+    def __init__(self, plan: WorkspacePlan, staging: Path, branch: str) -> None:
+        self._plan = plan
+        self._staging = staging
+        self._branch = branch
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._result: list[tuple[str, Path | bytes | None]] = []
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        if plan.mode == "full_copy":
+            self._done.set()
+        else:
+            threading.Thread(target=self._build, name="psb-ws-payload", daemon=True).start()
+
+    def _git(self, *args: str, stdin: bytes | None = None, odb: Path | None = None) -> bytes:
+        argv = ["git", "-C", str(self._plan.repo.root), *args]
+        env = git_env()
+        if odb is not None:
+            # pack-objects writes its temp files into the object dir and renames them to the
+            # output: a staging object dir (the repo's objects as alternates) keeps the host
+            # repo untouched and the rename on one filesystem
+            objects = self._git("rev-parse", "--git-path", "objects").decode().strip()
+            odb.joinpath("pack").mkdir(parents=True, exist_ok=True)
+            env["GIT_OBJECT_DIRECTORY"] = str(odb)
+            env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(self._plan.repo.root / objects)
+        with self._lock:
+            if self._cancelled:
+                raise GuestClosed("the prepare was aborted")
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=git_env(),
-                check=False,
+                env=env,
             )
-        if done.returncode != 0:
-            git(root, "pack-objects", "--stdout", input=objects)  # raises with stderr
-        return "base.pack", pack
-    return None
+            self._procs.append(proc)
+        out, err = proc.communicate(stdin)
+        if proc.returncode != 0 and not self._cancelled:
+            raise HostGitFailed(
+                f"host git failed in {self._plan.repo.root}: `git {' '.join(args)}` exited "
+                f"{proc.returncode}: {err.decode(errors='replace').strip()}. Check the "
+                "repository with git fsck."
+            )
+        return out
+
+    def _build(self) -> None:
+        plan = self._plan
+        base = plan.base_commit.encode()
+        branch = self._branch.encode()
+        try:
+            refs: list[bytes] = []
+            if plan.mode == "clone":
+                listed = self._git(
+                    "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads", "refs/tags"
+                )
+                refs = [
+                    r
+                    for r in listed.splitlines()
+                    if r.split(b" ", 1)[1:] != [b"refs/heads/" + branch]
+                ]
+                tips = {r.split(b" ", 1)[0] for r in refs} | {plan.repo.head_commit.encode(), base}
+                name = self._git(
+                    "pack-objects", "--revs", "--delta-base-offset", "-q",
+                    str(self._staging / "pack"), stdin=b"".join(t + b"\n" for t in sorted(tips)),
+                    odb=self._staging / "odb",
+                )  # fmt: skip
+            else:
+                objects = self._git("rev-list", "--objects", "-n", "1", plan.base_commit)
+                name = self._git(
+                    "pack-objects", "--delta-base-offset", "-q", str(self._staging / "pack"),
+                    stdin=objects, odb=self._staging / "odb",
+                )  # fmt: skip
+                self._result.append(("shallow", base + b"\n"))
+            pack = f"pack-{name.decode().strip()}"
+            if branch:
+                refs.append(base + b" refs/heads/" + branch)
+                head = b"ref: refs/heads/" + branch + b"\n"
+            else:
+                head = base + b"\n"
+            refs.sort(key=lambda r: r.split(b" ", 1)[1])
+            self._result += [
+                (f"objects/pack/{pack}.pack", self._staging / f"{pack}.pack"),
+                (f"objects/pack/{pack}.idx", self._staging / f"{pack}.idx"),
+                ("packed-refs", b"".join(r + b"\n" for r in refs)),
+                ("HEAD", head),
+            ]
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def entries(self, check: Callable[[], None]) -> Iterator[tuple[str, Path | bytes | None]]:
+        """Yield the payload's tar entries once host git is done (``check`` raises to abort)."""
+        while not self._done.wait(0.05):
+            check()
+        if self._error is not None:
+            raise self._error
+        yield from self._result
+
+    def cancel(self) -> None:
+        """Kill host git still running and wait for the builder to finish. Idempotent."""
+        with self._lock:
+            self._cancelled = True
+            procs = list(self._procs)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+        self._done.wait(30)
 
 
 def _config_value(value: str) -> str:
@@ -427,24 +526,31 @@ def prepare_workspace(
     # the branch the guest ends on: the one asked for, else the host's (unless from_ref)
     target_branch = plan.branch or (info.current_branch if plan.from_ref is None else None) or ""
     stage = f"{os.path.dirname(dest)}/.psb-prepare-{secrets.token_hex(6)}"
-    staging = _Staging(staging_dir, tracker)
-    try:
-        payload = _payload(plan, staging.path)
-        entries: list[tuple[str, Path | bytes | None]] = [("tree", None)]
-        if plan.mode == "full_copy":
-            entries += [(f"tree/{rel}", info.root / rel) for rel in plan.files]
-        elif plan.overlay:
-            entries += [(f"tree/{rel}", info.root / rel) for rel in plan.dirty]
+    entries: list[tuple[str, Path | bytes | None]] = []
+    if plan.mode == "full_copy":
+        entries.append(("tree", None))
+        entries += [(f"tree/{rel}", info.root / rel) for rel in plan.files]
+    else:
+        # extracted inside the guest's .git (see _PREPARE); only what there is to apply
+        if plan.dirty:
+            entries.append(("psb-prepare/tree", None))
+            entries += [(f"psb-prepare/tree/{rel}", info.root / rel) for rel in plan.dirty]
+        if plan.deleted:
             deleted = b"".join(os.fsencode(p) + b"\0" for p in plan.deleted)
-            entries.append(("deleted", deleted))
-        if payload is not None:
-            entries.append(payload)
+            entries.append(("psb-prepare/deleted", deleted))
 
-        def check() -> None:
-            if guest.closed:
-                raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
+    def check() -> None:
+        if guest.closed:
+            raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
 
+    staging = _Staging(staging_dir, tracker)
+    payload: _Payload | None = None
+    try:
         with workspace_lock(guest):
+            # host git packs the history while the guest command starts; the tar stream
+            # sends the working-tree files first and the pack last, once it is ready
+            payload = _Payload(plan, staging.path, target_branch)
+            stream = itertools.chain(entries, payload.entries(check))
             # one round trip: the tar stream is the script's stdin
             result = guest.run(
                 script_argv(
@@ -457,7 +563,7 @@ def prepare_workspace(
                     target_branch,
                     _identity_config(info.user_name, info.user_email),
                 ),
-                stdin=tar_entries(entries, check=check, progress=progress),
+                stdin=tar_entries(stream, check=check, progress=progress),
                 timeout=timeout,
             )
             if result.exit_code == _IN_USE:
@@ -467,6 +573,8 @@ def prepare_workspace(
                 )
             result.check(f"preparing {info.root} as {dest} in {guest!r}")
     finally:
+        if payload is not None:
+            payload.cancel()
         staging.close()
     head = result.output.decode().strip().splitlines()[-1] if result.output.strip() else ""
     if head != plan.base_commit:
