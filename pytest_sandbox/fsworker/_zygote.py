@@ -12,6 +12,7 @@ runs is the same code, with the same kernel layers, as a worker started by ``_bo
 
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import signal
@@ -106,6 +107,10 @@ def serve(control: socket.socket) -> None:
 def main() -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     enforce._lib()  # the libc handle, loaded once
+    # what is loaded now is shared with every child: keep the children's collector off it,
+    # so it does not touch (and copy) those pages
+    gc.collect()
+    gc.freeze()
     control = socket.socket(fileno=0)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         serve(control)

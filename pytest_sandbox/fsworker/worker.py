@@ -117,12 +117,47 @@ def _field(request: dict[str, Any], name: str, kind: type | tuple[type, ...]) ->
     return value
 
 
+def _children_of(pid: int) -> list[int] | None:
+    """``pid``'s children from ``/proc/PID/task/*/children`` (None: the kernel lacks them)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []  # gone
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as handle:
+                found.extend(int(c) for c in handle.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended
+            return None  # no CONFIG_PROC_CHILDREN
+        except OSError:
+            continue
+    return found
+
+
 def _descendants(pid: int, spare: frozenset[int] = frozenset()) -> list[int]:
     """Every live descendant of ``pid`` except the subtrees of ``spare`` (from /proc).
 
     Called with the worker's own pid: as a child subreaper it inherits what an exec'd command
-    left running (a background job, a ``setsid`` daemon) once the command exits.
+    left running (a background job, a ``setsid`` daemon) once the command exits. Walks the
+    ``children`` files (a few reads) where the kernel has them, else scans all of /proc.
     """
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = _children_of(todo.pop())
+        if children is None:
+            return _descendants_by_scan(pid, spare)
+        for child in children:
+            if child not in spare:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
+def _descendants_by_scan(pid: int, spare: frozenset[int]) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

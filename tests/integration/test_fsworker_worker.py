@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -323,3 +325,24 @@ def test_as_uid_65534(tmp_path: Path) -> None:
         fs.write("a.txt", b"x")
         assert (fs.root / "a.txt").stat().st_uid == 65534
         assert fs.exec(["id", "-u"]).output == b"65534\n"
+
+
+def test_descendant_walk_matches_the_full_proc_scan() -> None:
+    """The fast walk (``/proc/PID/task/*/children``) finds what the fallback scan finds."""
+    from pytest_sandbox.fsworker.worker import _descendants, _descendants_by_scan
+
+    tree = subprocess.Popen(["sh", "-c", "sleep 30 & (sleep 30 & sleep 30) & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(_descendants_by_scan(tree.pid, frozenset())) < 3:
+            assert time.monotonic() < deadline, "the process tree did not appear"
+            time.sleep(0.01)
+        by_scan = sorted(_descendants_by_scan(tree.pid, frozenset()))
+        assert sorted(_descendants(tree.pid)) == by_scan
+        spared = by_scan[0]
+        assert spared not in _descendants(tree.pid, frozenset([spared]))
+    finally:
+        for pid in [tree.pid, *_descendants(tree.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        tree.wait()
