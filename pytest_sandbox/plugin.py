@@ -556,15 +556,20 @@ def sandbox_container(
     def factory(image: str, *, shared: bool = False, **options: Any) -> Any:
         image_id = sandbox_image(image)
         if not shared:
+            # the container's stdout/stderr, copied while it runs: attached to a failed report
+            log_path = sandbox_run.new_log_path(f"container-{image}")
             container = SandboxContainer(
                 sandbox_docker,
                 image_id,
                 tracker=_sandbox_tracker,
                 nodeid=request.node.nodeid,
                 keep_label=settings.keep == "always",
+                log_path=log_path,
+                image_name=image,
                 **options,
             )
             made.append(container)
+            _attach_log(request, f"container {image}", log_path)
             return container.launch()
         import hashlib
         import json
@@ -579,6 +584,7 @@ def sandbox_container(
                 image_id,
                 tracker=_sandbox_session_tracker,
                 shared=True,
+                image_name=image,
                 **options,
             ).launch()
             return {"id": container.id}

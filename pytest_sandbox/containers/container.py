@@ -153,6 +153,8 @@ class SandboxContainer:
         lock_dir: Path | None = None,
         grace: float = 3.0,
         init: bool = True,
+        log_path: Path | None = None,
+        image_name: str | None = None,
         **create_options: Any,
     ) -> None:
         if not data_dir.startswith("/") or ".." in data_dir.split("/"):
@@ -161,6 +163,8 @@ class SandboxContainer:
             )
         self.engine = engine
         self.image = image
+        #: the name the user gave (``busybox``, ``redis:7``) when ``image`` is the id it resolved to
+        self.image_name = image_name or image
         self.command = list(command) if command is not None else None
         self.env = dict(env or {})
         self.data_dir = data_dir.rstrip("/") or "/"
@@ -178,6 +182,8 @@ class SandboxContainer:
         self.keep_label = keep_label
         self.grace = grace
         self.init = init
+        self.log_path = Path(log_path) if log_path is not None else None
+        self._follower: threading.Thread | None = None
         self.create_options = create_options
         run: RunContext | None = engine.run
         self.lock_dir = Path(lock_dir) if lock_dir else _default_lock_dir(run)
@@ -218,11 +224,18 @@ class SandboxContainer:
             if isinstance(exc, ContainerError | KeyboardInterrupt | SystemExit):
                 raise
             raise ContainerStartFailed(
-                f"container from image {self.image!r} could not be started: {exc}. It was "
+                f"container from image {self.shown_image} could not be started: {exc}. It was "
                 "removed; check the image, command and readiness probe."
             ) from exc
         undo.pop_all()
         return self
+
+    @property
+    def shown_image(self) -> str:
+        """The image as the user named it, with the id it resolved to."""
+        if self.image_name == self.image:
+            return repr(self.image)
+        return f"{self.image_name!r} ({self.image.removeprefix('sha256:')[:12]})"
 
     def _labels(self, role: str) -> dict[str, str]:
         out = {L_IMAGE: self.image[:200], L_DATA_DIR: self.data_dir, L_ROLE: role}
@@ -286,12 +299,38 @@ class SandboxContainer:
 
     def _start_and_wait(self) -> None:
         self.container.start()
+        self.follow_logs()
         self.wait_ready()
+
+    def follow_logs(self) -> None:
+        """Copy the container's stdout/stderr into ``log_path`` (when set) while it runs: a
+        thread follows the engine's log stream; each start rewrites the file with the whole
+        log (the engine replays it), so the file is the log so far even after a restart."""
+        if self.log_path is None or self._parts.container is None:
+            return
+        if self._follower is not None:
+            self._follower.join(timeout=1.0)  # the stream of the previous run ends at its stop
+            if self._follower.is_alive():
+                return
+        path, ident, api = self.log_path, self.id, self.engine.client.api
+        try:
+            stream = api.logs(ident, stdout=True, stderr=True, stream=True, follow=True)
+        except Exception:  # best effort: a missing log never fails the test
+            return
+
+        def copy() -> None:
+            with contextlib.suppress(Exception), open(path, "wb") as out:
+                for chunk in stream:
+                    out.write(chunk)
+                    out.flush()
+
+        self._follower = threading.Thread(target=copy, name="psb-container-log", daemon=True)
+        self._follower.start()
 
     @property
     def container(self) -> Any:
         if self._parts.container is None:
-            raise ContainerError(f"container from {self.image!r} was not launched")
+            raise ContainerError(f"container from image {self.shown_image} was not launched")
         return self._parts.container
 
     @property
@@ -359,7 +398,7 @@ class SandboxContainer:
                 not state.get("Running") and state.get("Status") != "created"
             ):
                 raise ContainerExited(
-                    f"container {self.name} ({self.image}) exited with code "
+                    f"container {self.name} (image {self.shown_image}) exited with code "
                     f"{state.get('ExitCode')} before it was ready (waiting for "
                     f"{_describe(probe)}).\n--- last lines of its log ---\n{self.log_tail()}"
                 )
@@ -372,7 +411,7 @@ class SandboxContainer:
             if deadline.expired():
                 detail = f" (last error: {last_error!r})" if last_error else ""
                 raise ContainerNotReady(
-                    f"container {self.name} ({self.image}) was not ready after "
+                    f"container {self.name} (image {self.shown_image}) was not ready after "
                     f"{deadline.seconds:g}s waiting for {_describe(probe)}{detail}; state "
                     f"{state.get('Status')!r}, health "
                     f"{(state.get('Health') or {}).get('Status', '-')!r}. Raise timeout= or fix "
@@ -443,6 +482,7 @@ class SandboxContainer:
     def start(self, *, wait: bool = True) -> None:
         """Start a stopped container and (by default) wait for readiness again."""
         self.container.start()
+        self.follow_logs()
         if wait:
             self.wait_ready()
 
@@ -476,6 +516,9 @@ class SandboxContainer:
             return
         self._closed = True
         steps = CleanupStack()
+        follower = self._follower
+        if follower is not None:  # its stream ends with the container: the file is complete
+            steps.push(lambda: follower.join(timeout=1.0), name="finish the log copy")
         steps.push(self._remove_volume, name="remove volume")
         steps.push(self._remove_container, name="remove container")
         steps.close()
@@ -735,6 +778,7 @@ class _Paused:
     def _restart(self) -> None:
         try:
             self.owner.container.start()
+            self.owner.follow_logs()
             self.owner.wait_ready()
         except Exception as exc:
             self._error = exc

@@ -241,3 +241,46 @@ def test_keep_failed_keeps_only_the_failed_tests_container(
         release_docker_object({"type": "container", "id": kept})
         for mount in info.get("Mounts") or []:
             release_docker_object({"type": "volume", "name": mount["Name"]})
+
+
+LOGGED = """
+import time
+
+def test_fails_after_the_app_logged(sandbox_container):
+    c = sandbox_container(
+        "busybox", command=["sh", "-c", "echo app-started-XYZ; echo oops-on-stderr >&2; "
+        "exec sleep 600"], ready="oops-on-stderr"
+    )
+    c.stop(timeout=0)
+    c.start(wait=False)  # a restart keeps the whole log in the file
+    time.sleep(0.3)
+    assert False, "the app misbehaved"
+
+def test_passes_quietly(sandbox_container):
+    sandbox_container("busybox", command=["sh", "-c", "echo quiet-ABC; exec sleep 600"])
+
+def test_start_failure_names_the_image(sandbox_container):
+    sandbox_container("busybox", command=["/no/such/binary"], init=False)
+
+def test_exit_names_the_image(sandbox_container):
+    sandbox_container("busybox", command=["false"], ready="never", timeout=5)
+"""
+
+
+def test_failed_test_report_carries_its_containers_log_and_image_name(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_logged=LOGGED)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", f"--sandbox-state-dir={pytester.path / 'state'}"
+    )
+    result.assert_outcomes(passed=1, failed=3)
+    out = result.stdout.str()
+    section = out[out.index("test_fails_after_the_app_logged") :]
+    result.stdout.fnmatch_lines(["*sandbox log: container busybox*"])
+    assert section.count("app-started-XYZ") >= 2  # before and after the restart
+    assert "oops-on-stderr" in section
+    assert "quiet-ABC" not in out  # a passing test's log is not shown
+    # the image the user named, not the id it resolved to
+    result.stdout.fnmatch_lines(["*container from image 'busybox' (*) could not be started*"])
+    result.stdout.fnmatch_lines(["*(image 'busybox' (*)) exited with code 1 before it was ready*"])
