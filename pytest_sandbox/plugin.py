@@ -517,14 +517,27 @@ def sandbox_docker(request: pytest.FixtureRequest, sandbox_run: RunContext) -> I
 
 
 @pytest.fixture(scope="session")
-def sandbox_image(sandbox_docker: Any, sandbox_run: RunContext) -> Callable[[str], str]:
+def sandbox_image(
+    request: pytest.FixtureRequest, sandbox_docker: Any, sandbox_run: RunContext
+) -> Callable[[str], str]:
     """Factory ``(name) -> image id``. ``busybox`` (from the host's busybox-static) and
     ``debian-git`` (debootstrap from the machine's apt sources, with git and openssh-server) are
     built offline once per machine (content-addressed tag, cached across runs, built once under
-    xdist); any other name is used when present locally and pulled only if missing."""
+    xdist); any other name is used when present locally and pulled only if missing. Builds,
+    pulls and waits for another worker's build report progress on the terminal (past capture)."""
+    import sys
+
     from pytest_sandbox.containers.images import ImageBuilder
 
-    return ImageBuilder(sandbox_docker, sandbox_run.state_dir).get
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+
+    def progress(message: str) -> None:
+        # fd-level capture would hide a 5-minute debootstrap until the test failed
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            sys.stderr.write(f"pytest-sandbox: {message}\n")
+            sys.stderr.flush()
+
+    return ImageBuilder(sandbox_docker, sandbox_run.state_dir, progress=progress).get
 
 
 @pytest.fixture

@@ -629,21 +629,27 @@ class SandboxContainer:
         binary file object). tar.gz unless ``dest`` is a path without ``.gz``/``.tgz``;
         ``level`` is the gzip level (1 = fastest compression, 0 = stored). Returns the bytes
         written."""
-        if isinstance(dest, str | Path):
-            gz = archive.is_gzip_name(dest) if compress is None else compress
-            chunks = self.export_chunks(compress=gz, level=level)
+        gz = archive.is_gzip_name(dest) if isinstance(dest, str | Path) else True
+        gz = gz if compress is None else compress
+        # _stopped() is held here, not in export_chunks: the restart, begun when the engine's
+        # stream ended, runs while the tail is written and fsync'd; it is joined before return
+        with self._stopped() as paused:
+            chunks = archive_chunks(
+                self.container,
+                self.data_dir,
+                compress=gz,
+                level=level,
+                on_end=paused.restart_soon,
+            )
             try:
-                return archive.write_atomic(chunks, dest)
+                if isinstance(dest, str | Path):
+                    return archive.write_atomic(chunks, dest)
+                written = 0
+                for chunk in chunks:
+                    dest.write(chunk)
+                    written += len(chunk)
             finally:
                 chunks.close()
-        chunks = self.export_chunks(compress=True if compress is None else compress, level=level)
-        written = 0
-        try:
-            for chunk in chunks:
-                dest.write(chunk)
-                written += len(chunk)
-        finally:
-            chunks.close()
         return written
 
     def import_data(

@@ -11,6 +11,7 @@ Any other name is a user image: used as is when present locally, pulled only whe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from pytest_sandbox.containers import archive
 from pytest_sandbox.containers.engine import LABEL, Engine
@@ -213,10 +214,12 @@ class ImageBuilder:
         state_dir: Path,
         *,
         progress: Progress | None = _stderr_progress,
+        progress_every: float = 10.0,
     ) -> None:
         self.engine = engine
         self.state_dir = Path(state_dir)
         self.progress = progress or (lambda _message: None)
+        self.progress_every = progress_every
         self._cache: dict[str, str] = {}
 
     def tag_for(self, name: str) -> str:
@@ -258,7 +261,8 @@ class ImageBuilder:
             return found
         self.progress(f"image {name} is not present locally; pulling it")
         try:
-            image = self.engine.client.images.pull(name)
+            with _Ticker(self.progress, f"pulling {name}", every=self.progress_every):
+                image = self.engine.client.images.pull(name)
         except Exception as exc:
             raise ImageUnavailable(
                 f"image {name!r} is not present locally and could not be pulled: {exc}. "
@@ -281,7 +285,7 @@ class ImageBuilder:
         lock_dir = self.state_dir / "images"
         lock_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(lock_dir / f"{name}.lock"), timeout=1800)
-        with lock:
+        with build_lock(lock, self.progress, f"image {name}", every=self.progress_every):
             found = None if force else self._local(ref)  # another worker may have built it
             if found:
                 return found
@@ -342,7 +346,7 @@ class ImageBuilder:
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
-            ticker = _Ticker(self.progress, "debootstrap debian-git", log)
+            ticker = _Ticker(self.progress, "debootstrap debian-git", log, self.progress_every)
             ticker.start()
             try:
                 code = proc.wait(timeout=1800)
@@ -361,15 +365,19 @@ class ImageBuilder:
                 key.unlink()  # never ship the same host keys in every container
             self.progress("importing the debian-git rootfs into the engine")
             chunks = archive.stream(rootfs, exclude=_exclude_rootfs)
-            return self._import(ref, "debian-git", chunks, cmd='["/bin/bash"]')
+            with _Ticker(self.progress, "importing debian-git", every=self.progress_every):
+                return self._import(ref, "debian-git", chunks, cmd='["/bin/bash"]')
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
 class _Ticker:
-    """Prints the build's elapsed time and the log's last line every 10 s."""
+    """Reports a long step every ``every`` seconds: elapsed time and, when given, the last line
+    of its log (a context manager)."""
 
-    def __init__(self, progress: Progress, what: str, log: Path, every: float = 10.0) -> None:
+    def __init__(
+        self, progress: Progress, what: str, log: Path | None = None, every: float = 10.0
+    ) -> None:
         self.progress, self.what, self.log, self.every = progress, what, log, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -382,14 +390,42 @@ class _Ticker:
         self._stop.set()
         self._thread.join(timeout=2)
 
+    def __enter__(self) -> _Ticker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _run(self) -> None:
         while not self._stop.wait(self.every):
-            try:
-                last = self.log.read_text(errors="replace").strip().splitlines()[-1:]
-            except OSError:
-                last = []
+            last: list[str] = []
+            if self.log is not None:
+                try:
+                    last = self.log.read_text(errors="replace").strip().splitlines()[-1:]
+                except OSError:
+                    last = []
             elapsed = time.monotonic() - self._started
-            self.progress(f"{self.what}: {elapsed:.0f}s {last[0][:100] if last else ''}")
+            tail = f" {last[0][:100]}" if last else ""
+            self.progress(f"{self.what}: still running after {elapsed:.0f}s{tail}")
+
+
+@contextlib.contextmanager
+def build_lock(
+    lock: FileLock, progress: Progress, what: str, *, every: float = 10.0
+) -> Iterator[None]:
+    """Hold ``lock``; when another process holds it (building the same image), say so and
+    keep saying so while waiting, instead of hanging silently."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress(f"waiting for another process building {what} (lock {lock.lock_file})")
+        with _Ticker(progress, f"waiting for {what}", every=every):
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def build_image(name: str, *, state_dir: Path | None = None, force: bool = False) -> str:

@@ -284,3 +284,24 @@ def test_failed_test_report_carries_its_containers_log_and_image_name(
     # the image the user named, not the id it resolved to
     result.stdout.fnmatch_lines(["*container from image 'busybox' (*) could not be started*"])
     result.stdout.fnmatch_lines(["*(image 'busybox' (*)) exited with code 1 before it was ready*"])
+
+
+PULL = """
+import pytest
+from pytest_sandbox import errors
+
+def test_missing_user_image(sandbox_image):
+    with pytest.raises(errors.ImageUnavailable):
+        sandbox_image("no-such-image-psb:progress")
+"""
+
+
+def test_image_progress_reaches_the_terminal_through_capture(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_pull=PULL)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", f"--sandbox-state-dir={pytester.path / 'state'}"
+    )
+    result.assert_outcomes(passed=1)  # a passing test: its captured output is never shown...
+    result.stderr.fnmatch_lines(
+        ["pytest-sandbox: image no-such-image-psb:progress is not present locally; pulling it"]
+    )  # ...but the progress line went past the capture
