@@ -37,6 +37,8 @@ EXIT_KERNEL = 3
 #: A network policy under ``--kernel require`` and no layer can confine TCP egress.
 EXIT_NET = 4
 NET_LAYERS = ("auto", "landlock", "netns")
+#: Seconds after ``ready`` to wait for the one connection (``--accept-timeout``).
+DEFAULT_ACCEPT_TIMEOUT = "30"
 
 #: Largest file a ``read`` returns whole (base64 of it must fit in one frame).
 MAX_READ = 700_000
@@ -48,7 +50,7 @@ PR_SET_CHILD_SUBREAPER = 36
 USAGE = (
     "usage: python -m pytest_sandbox.fsworker --socket PATH [--root DIR] "
     "[--kernel auto|require|off] [--uid N] [--gid N] [--proxy-port N] [--proxy-host IP] "
-    "[--net-layer auto|landlock|netns] [--frame-timeout S]"
+    "[--net-layer auto|landlock|netns] [--frame-timeout S] [--accept-timeout S]"
 )
 
 
@@ -66,7 +68,7 @@ class Usage(Exception):
 
 def parse_args(argv: list[str]) -> dict[str, str]:
     options = {"--socket", "--root", "--kernel", "--uid", "--gid", "--proxy-port",
-               "--proxy-host", "--net-layer", "--frame-timeout"}  # fmt: skip
+               "--proxy-host", "--net-layer", "--frame-timeout", "--accept-timeout"}  # fmt: skip
     flags = {"--allow-debug"}
     parsed: dict[str, str] = {}
     i = 0
@@ -95,14 +97,13 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     for name in ("--uid", "--gid", "--proxy-port"):
         if name in parsed and not parsed[name].isdigit():
             raise Usage(f"{name} must be a non-negative integer, got {parsed[name]!r}")
-    if "--frame-timeout" in parsed:
-        try:
-            if not float(parsed["--frame-timeout"]) > 0:
-                raise ValueError
-        except ValueError:
-            raise Usage(
-                f"--frame-timeout must be a positive number, got {parsed['--frame-timeout']!r}"
-            ) from None
+    for name in ("--frame-timeout", "--accept-timeout"):
+        if name in parsed:
+            try:
+                if not float(parsed[name]) > 0:
+                    raise ValueError
+            except ValueError:
+                raise Usage(f"{name} must be a positive number, got {parsed[name]!r}") from None
     return parsed
 
 
@@ -873,11 +874,16 @@ def main(argv: list[str] | None = None) -> int:
         helpers=frozenset([egress_state[2]]) if egress_state and egress_state[2] else frozenset(),
     )
     frame_timeout = float(args.get("--frame-timeout", "10"))
+    # nobody connecting means whoever started us is gone (a client connects right after ready)
+    listener.settimeout(float(args.get("--accept-timeout", DEFAULT_ACCEPT_TIMEOUT)))
     os.write(1, b"ready\n")
     try:
         conn, _ = listener.accept()
+    except TimeoutError:
+        return _fail(1, "nobody connected after ready: the client is gone; exiting")
     except OSError as exc:
         return _fail(1, f"accept failed: {exc.strerror}")
+    conn.settimeout(None)
     listener.close()
     with conn:
         serve(conn, worker, frame_timeout)

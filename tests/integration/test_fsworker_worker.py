@@ -255,6 +255,26 @@ def test_worker_cli_prints_exactly_ready(tmp_path: Path) -> None:
         proc.wait()
 
 
+def test_worker_nobody_connects_to_exits_by_itself(tmp_path: Path) -> None:
+    """A worker whose client vanished before connecting (pytest killed between start and
+    connect) does not wait forever."""
+    sock = tmp_path / "w.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_sandbox.fsworker", "--socket", str(sock),
+         "--root", str(tmp_path), "--accept-timeout", "0.3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        assert proc.wait(timeout=10) == 1
+        assert proc.stderr is not None
+        assert b"nobody connected after ready" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_ready_timeout_is_typed() -> None:
     worker = FsWorker(ready_timeout=0.3, argv=[sys.executable, "-c", "import time; time.sleep(30)"])
     with pytest.raises(FsWorkerReadyTimeout, match="ready"):
