@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -172,3 +173,23 @@ def test_debian_git_image_has_git_and_sshd(sandbox_container: Factory) -> None:
     c = sandbox_container("debian-git", command=["sleep", "600"])
     assert c.exec(["git", "--version"]).output.startswith(b"git version")
     assert c.exec(["test", "-x", "/usr/sbin/sshd"]).exit_code == 0
+
+
+def test_restart_waits_for_this_runs_ready_line_not_the_last_ones(
+    sandbox_container: Factory, tmp_path: Path
+) -> None:
+    c = sandbox_container(
+        "busybox", command=["sh", "-c", "sleep 0.5; echo ready; exec sleep 600"], ready="ready"
+    )
+    assert c.logs().count("ready") == 1
+    c.stop(timeout=0)
+    c.start()  # the first run's "ready" is in the log already: it must not count
+    assert c.logs().count("ready") == 2
+    c.export_data(tmp_path / "snap.tar.gz")  # the data operation's restart waits too
+    assert c.logs().count("ready") == 3
+    instant = sandbox_container(
+        "busybox", command=["sh", "-c", "echo ready; exec sleep 600"], ready="ready", timeout=10
+    )
+    instant.stop(timeout=0)
+    instant.start()  # this run's line, printed at once, is found (not filtered out)
+    assert instant.logs().count("ready") == 2
