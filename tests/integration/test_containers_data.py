@@ -306,3 +306,20 @@ def test_export_and_import_stream_with_bounded_memory(
     assert imported["bytes"] == size
     assert imported["growth_kib"] < 100 * 1024, imported
     assert c.status == "running"
+
+
+def test_failed_restart_is_an_error_not_a_log_line(
+    sandbox_container: Factory, tmp_path: Path
+) -> None:
+    # an app that refuses to start a second time
+    once = "if [ -e /data/started ]; then echo refusing; exit 3; fi; touch /data/started"
+    c = sandbox_container(
+        "busybox", command=["sh", "-c", f"{once}; echo up; exec sleep 600"], ready="up"
+    )
+    with pytest.raises(errors.RestartFailed, match=r"(?s)could not be restarted.*code 3"):
+        c.export_data(tmp_path / "s.tar.gz")
+    with tarfile.open(tmp_path / "s.tar.gz") as tar:  # the snapshot itself is complete
+        assert "started" in tar.getnames()
+    assert c.status == "exited"
+    c.import_data(tmp_path / "s.tar.gz", mode="merge")  # now a stopped one: it stays stopped
+    assert c.status == "exited"
