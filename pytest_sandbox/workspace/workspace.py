@@ -3,21 +3,24 @@
 Prepare (:func:`prepare_workspace`):
 
 1. plan on the host (``repo.plan_workspace``): every refusal happens here, before guest I/O;
-2. build the payload on the host: a git bundle of the history (``clone``), a pack of the base
-   commit alone (``shallow``) or nothing (``full_copy``), in a ledger-tracked staging dir;
-3. one guest command, with the guest's workspace lock held, whose stdin is one tar stream
-   (``tree/`` = the files, plus the bundle or pack and the list of deleted files) unpacked into
-   a fresh staging dir beside the guest path; then, in the same script: refuse a non-empty
-   guest path, ``git init`` + unbundle the bundle and write its refs (or index the pack and
-   mark the commit shallow), point HEAD/branch at the base, check it out, apply the host's
-   working tree on top (deletions, then only the files that differ from the base or are
-   untracked), carry the git identity over, remove the staging dir. ``full_copy`` moves
-   ``tree/`` (with ``.git``) in.
+2. with the guest's workspace lock held, start one guest command whose stdin is one tar stream,
+   and meanwhile pack the history on the host (a background thread in a ledger-tracked staging
+   dir): ``git pack-objects`` writes a pack *with its index* of the branches, tags, HEAD and
+   base (``clone``) or of the base commit alone (``shallow``); ``full_copy`` sends no pack;
+3. the guest script refuses a non-empty guest path, runs ``git init`` while the host is still
+   packing, then unpacks the stream straight into ``.git``: first the files that differ from
+   the base (or are untracked) and the deleted paths, then the pack + index (no ``index-pack``
+   re-hashing every object in the guest), ``packed-refs`` and ``HEAD``; it checks the base
+   out, applies the host's working tree on top, carries the git identity over and prints HEAD.
+   A failure removes what it made. ``full_copy`` unpacks ``tree/`` (with ``.git``) beside the
+   guest path and moves it in.
 
-Export (:meth:`PreparedWorkspace.export`): a throwaway index *and* object dir inside the guest's
-git dir (``GIT_INDEX_FILE``, ``GIT_OBJECT_DIRECTORY`` + the real objects as alternates), ``git
-add -A`` there, ``git diff --cached --binary`` against the recorded base. The real index, refs,
-HEAD, object store and ``git status`` are untouched; nothing is written to ``/tmp``.
+Export (:meth:`PreparedWorkspace.export`): one guest script copies the index to a throwaway
+index inside the guest's git dir (``GIT_INDEX_FILE``; the same dir is the object dir, the real
+objects its alternates), adds untracked files there as intent-to-add (no content copied),
+diffs the recorded base against the working tree (``--raw -z`` names and the ``--binary``
+patch in one stream) and removes the throwaway dir. The real index, refs, HEAD, object store
+and ``git status`` are untouched; nothing is written to ``/tmp``.
 """
 
 from __future__ import annotations
@@ -108,16 +111,25 @@ set -eu
 cd -- "$1"
 base=$2
 tmp="$1/.git/psb-export-$3"
-mkdir -- "$tmp" "$tmp/objects"
 trap 'rm -rf -- "$tmp"' EXIT
-if [ -f .git/index ]; then cp -- .git/index "$tmp/index"; fi
+if [ -f .git/index ]; then
+    # one process makes the dir and copies the index (mkdir + cp where install lacks -D)
+    install -D -m 600 -- .git/index "$tmp/index" 2>/dev/null ||
+        { mkdir -p -- "$tmp"; cp -- .git/index "$tmp/index"; }
+else
+    mkdir -- "$tmp"
+fi
+# the throwaway dir is also the object dir (the real objects as alternates): the empty blob
+# that intent-to-add entries name lands there, never in the real object store
 GIT_INDEX_FILE="$tmp/index"
-GIT_OBJECT_DIRECTORY="$tmp/objects"
+GIT_OBJECT_DIRECTORY=$tmp
 GIT_ALTERNATE_OBJECT_DIRECTORIES="$1/.git/objects"
 export GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
-git -c gc.auto=0 -c core.fsmonitor=false add -A
-git diff --cached -M --raw -z -p --binary --full-index --no-color --no-ext-diff \
-    --no-textconv "$base"
+# untracked files enter the throwaway index as intent-to-add (no content is copied), and the
+# diff of the base against the working tree reads every new content from the files
+git -c gc.auto=0 -c core.fsmonitor=false add -A -N
+git --no-optional-locks diff -M --raw -z -p --binary --full-index --no-color --no-ext-diff \
+    --no-textconv "$base" --
 """
 
 _DIFF_ONLY = ["git", "diff", "--binary", "--full-index"]
