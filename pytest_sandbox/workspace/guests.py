@@ -358,6 +358,38 @@ def _kill_by_token(token: str) -> None:
                 proc.kill()
 
 
+# --- directories owned through a marker file ----------------------------------------------
+
+
+def new_marked_dir(prefix: str, base_dir: Path | str | None, marker: str, tracked: Tracked) -> Path:
+    """A fresh temp dir holding ``marker`` = the ledger row's token; the row records its path.
+
+    Only a dir whose marker still holds that token is ever removed (:func:`remove_marked_dir`).
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base_dir))
+    (path / marker).write_text(tracked.token)
+    return path
+
+
+def remove_marked_dir(
+    details: Mapping[str, Any], marker: str, before: Callable[[Path], None] | None = None
+) -> None:
+    """Remove the dir at ``details["path"]`` if its marker holds ``details["token"]`` (a path
+    reused by someone else is never touched); ``before`` runs first on an owned dir."""
+    path = details.get("path")
+    if not path:
+        return
+    root = Path(str(path))
+    try:
+        if (root / marker).read_text() != str(details.get("token") or ""):
+            return
+    except OSError:
+        return
+    if before is not None:
+        before(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 # --- LocalGuest ---------------------------------------------------------------------------
 
 _MARKER = ".psb-guest"
@@ -426,8 +458,7 @@ class LocalGuest(_ProcessGuest):
             if use_ns and _under(base.resolve(), Path("/tmp").resolve()):
                 base = Path("/var/tmp")
             base.mkdir(parents=True, exist_ok=True)
-            self.root = Path(tempfile.mkdtemp(prefix="psb-guest-", dir=base))
-            (self.root / _MARKER).write_text(self._tracked.token)
+            self.root = new_marked_dir("psb-guest-", base, _MARKER, self._tracked)
             self._tracked.update(key=f"local guest {self.root}", path=str(self.root))
             for sub in ("home", "tmp"):
                 (self.root / sub).mkdir()
@@ -487,16 +518,7 @@ def release_local_guest(details: Mapping[str, Any]) -> None:
     token = str(details.get("token") or "")
     if token:
         _kill_by_token(token)
-    path = details.get("path")
-    if not path:
-        return
-    root = Path(str(path))
-    try:
-        if (root / _MARKER).read_text() != token:
-            return
-    except OSError:
-        return
-    shutil.rmtree(root, ignore_errors=True)
+    remove_marked_dir(details, _MARKER)
 
 
 LOCAL_RELEASER = f"{__name__}:release_local_guest"

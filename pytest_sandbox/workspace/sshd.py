@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,12 @@ from typing import Any
 from pytest_sandbox.errors import ProcessExitedEarly, ReadinessTimeout, SSHUnavailable
 from pytest_sandbox.runtime.ledger import ResourceTracker, track
 from pytest_sandbox.runtime.processes import TrackedProcess, log_tail
-from pytest_sandbox.workspace.guests import SSHGuest, SSHTarget
+from pytest_sandbox.workspace.guests import (
+    SSHGuest,
+    SSHTarget,
+    new_marked_dir,
+    remove_marked_dir,
+)
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd", "/sbin/sshd")
 _MARKER = ".psb-sshd"
@@ -87,9 +91,8 @@ class SSHHost:
         self.sshd = sshd
         self._tracked = track(tracker, "ssh-host", "sshd (creating)", releaser=RELEASER)
         try:
-            self.dir = Path(tempfile.mkdtemp(prefix="psb-sshd-", dir=base_dir))
+            self.dir = new_marked_dir("psb-sshd-", base_dir, _MARKER, self._tracked)
             self.dir.chmod(0o700)
-            (self.dir / _MARKER).write_text(self._tracked.token)
             self._tracked.update(key=f"sshd dir {self.dir}", path=str(self.dir))
             self.log_dir = log_dir or self.dir
             self.scratch_root = str(self.dir / "guests")
@@ -250,17 +253,7 @@ def release_ssh_host(details: Mapping[str, Any]) -> None:
 
     Removes the directory only when its marker holds this host's token.
     """
-    path = details.get("path")
-    if not path:
-        return
-    root = Path(str(path))
-    try:
-        if (root / _MARKER).read_text() != str(details.get("token")):
-            return
-    except OSError:
-        return
-    _kill_guest_commands(root)
-    shutil.rmtree(root, ignore_errors=True)
+    remove_marked_dir(details, _MARKER, before=_kill_guest_commands)
 
 
 def _kill_guest_commands(root: Path) -> None:

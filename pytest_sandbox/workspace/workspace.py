@@ -29,11 +29,9 @@ import contextlib
 import itertools
 import os
 import secrets
-import shutil
 import stat
 import subprocess
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -49,7 +47,12 @@ from pytest_sandbox.errors import (
     InvalidWorkspaceArgument,
 )
 from pytest_sandbox.runtime.ledger import ResourceTracker, track
-from pytest_sandbox.workspace.guests import Guest, script_argv
+from pytest_sandbox.workspace.guests import (
+    Guest,
+    new_marked_dir,
+    remove_marked_dir,
+    script_argv,
+)
 from pytest_sandbox.workspace.repo import WorkspacePlan, git_env, plan_workspace
 
 CHUNK = 1 << 20
@@ -324,8 +327,7 @@ class _Staging:
         self._tracked = track(tracker, "workspace-staging", "staging (creating)", releaser=RELEASER)
         if base_dir is not None:
             base_dir.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix="psb-ws-", dir=base_dir))
-        (self.path / _MARKER).write_text(self._tracked.token)
+        self.path = new_marked_dir("psb-ws-", base_dir, _MARKER, self._tracked)
         self._tracked.update(key=f"workspace staging {self.path}", path=str(self.path))
 
     def close(self) -> None:
@@ -335,16 +337,7 @@ class _Staging:
 
 def release_staging(details: Mapping[str, Any]) -> None:
     """Ledger releaser for host staging dirs: remove the dir if its marker holds the token."""
-    path = details.get("path")
-    if not path:
-        return
-    root = Path(str(path))
-    try:
-        if (root / _MARKER).read_text() != str(details.get("token")):
-            return
-    except OSError:
-        return
-    shutil.rmtree(root, ignore_errors=True)
+    remove_marked_dir(details, _MARKER)
 
 
 RELEASER = f"{__name__}:release_staging"
