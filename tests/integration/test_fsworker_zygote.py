@@ -12,6 +12,7 @@ import pytest
 
 from pytest_sandbox.errors import FsWorkerExited, PolicyDenied
 from pytest_sandbox.fsworker import EgressProxy, FsWorkerPool, NetPolicy, SandboxPolicy
+from pytest_sandbox.fsworker.client import NET_LAYER_ENV
 from pytest_sandbox.fsworker.zygote import ForkedProcess
 from tests.conftest import pids_alive
 
@@ -109,3 +110,23 @@ def test_closing_the_pool_stops_the_zygote_and_its_workers() -> None:
     while pids_alive(pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert pids_alive(pids) == []
+
+
+@pytest.mark.parametrize("user", [None, 65534], ids=["root", "uid65534"])
+def test_netns_fallback_in_a_forked_worker(
+    pool: FsWorkerPool, monkeypatch: pytest.MonkeyPatch, user: int | None
+) -> None:
+    monkeypatch.setenv(NET_LAYER_ENV, "netns")
+    with EgressProxy(allow=["127.0.0.1"]) as proxy:
+        policy = SandboxPolicy(net=NetPolicy(allow=["127.0.0.1"]))
+        fs = pool.acquire(policy=policy, proxy=proxy, user=user)
+        assert isinstance(fs._popen, ForkedProcess)
+        assert "netns" in fs.enforcement
+        denied = fs.exec(["curl", "-sS", "-w", "%{http_code}", "http://localhost:9/"])
+        assert denied.output.endswith(b"403"), denied
+        code = "import socket; socket.create_connection(('127.0.0.1', 9))"
+        direct = fs.exec(["/usr/bin/python3", "-c", code])
+        assert b"ConnectionRefusedError" in direct.output, direct
+        fs.close()
+        pool.drain()
+    assert [r.status for r in proxy.requests] == [403]
