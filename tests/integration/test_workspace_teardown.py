@@ -104,6 +104,27 @@ def leftovers(record: dict[str, Any], state_dir: Path) -> list[str]:
     return found
 
 
+def start_inner(
+    inner_pytest: Callable[..., InnerPytest],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    backend: str,
+    source: str,
+    *options: str,
+    **env: str,
+) -> tuple[InnerPytest, Path]:
+    """Run ``source`` as an inner pytest on ``backend``; return it and its record file."""
+    if backend == "container":
+        request.getfixturevalue("sandbox_image")("debian-git")  # built (or skipped) out here
+    (tmp_path / "test_inner.py").write_text(source)
+    record_path = tmp_path / "record.json"
+    inner = inner_pytest(
+        "-p", "no:xdist", "test_inner.py", f"--sandbox-guest={backend}", *options,
+        env={"RECORD": str(record_path), **env},
+    )  # fmt: skip
+    return inner, record_path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["pass", "fail", "kill-9"])
 def test_nothing_is_left(
@@ -114,13 +135,9 @@ def test_nothing_is_left(
     mode: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "container":
-        request.getfixturevalue("sandbox_image")("debian-git")  # built (or skipped) out here
-    (tmp_path / "test_inner.py").write_text(INNER)
-    record_path = tmp_path / "record.json"
-    inner = inner_pytest(
-        "-p", "no:xdist", "test_inner.py", f"--sandbox-guest={backend}",
-        env={"RECORD": str(record_path), "MODE": "hang" if mode == "kill-9" else mode},
+    inner, record_path = start_inner(
+        inner_pytest, request, tmp_path, backend, INNER,
+        MODE="hang" if mode == "kill-9" else mode,
     )  # fmt: skip
     if mode == "kill-9":
         inner.wait_for_file(record_path, timeout=120)
@@ -142,14 +159,9 @@ def test_kill_9_without_reaper_is_swept_by_the_next_session(
     backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "container":
-        request.getfixturevalue("sandbox_image")("debian-git")
-    (tmp_path / "test_inner.py").write_text(INNER)
-    record_path = tmp_path / "record.json"
-    inner = inner_pytest(
-        "-p", "no:xdist", "test_inner.py", f"--sandbox-guest={backend}", "--sandbox-no-reaper",
-        env={"RECORD": str(record_path), "MODE": "hang"},
-    )  # fmt: skip
+    inner, record_path = start_inner(
+        inner_pytest, request, tmp_path, backend, INNER, "--sandbox-no-reaper", MODE="hang"
+    )
     inner.wait_for_file(record_path, timeout=120)
     inner.kill_group(signal.SIGKILL)  # pytest and everything in its session
     inner.wait(60)
@@ -211,14 +223,7 @@ def test_kill_9_in_the_middle_of_a_prepare_leaves_no_pack(
     backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "container":
-        request.getfixturevalue("sandbox_image")("debian-git")
-    (tmp_path / "test_inner.py").write_text(MID_PREPARE)
-    record_path = tmp_path / "record.json"
-    inner = inner_pytest(
-        "-p", "no:xdist", "test_inner.py", f"--sandbox-guest={backend}",
-        env={"RECORD": str(record_path)},
-    )  # fmt: skip
+    inner, record_path = start_inner(inner_pytest, request, tmp_path, backend, MID_PREPARE)
     inner.wait_for_file(record_path, timeout=120)
     record = json.loads(record_path.read_text())
     assert len(record["staging"]) == 1  # the host pack exists while the stream is in flight
