@@ -294,7 +294,11 @@ class Worker:
                 except FileNotFoundError:
                     if not create:
                         raise
-                    os.mkdir(part, 0o777, dir_fd=dirfd)
+                    try:
+                        os.mkdir(part, 0o777, dir_fd=dirfd)
+                    except PermissionError:
+                        self._split_denial(os.path.join(base, *parts[: parts.index(part) + 1]))
+                        raise
                     nfd = os.open(part, flags, dir_fd=dirfd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(
@@ -311,6 +315,28 @@ class Worker:
             raise
         return dirfd, parts[-1]
 
+    def _split_denial(self, new_path: str) -> None:
+        """Raise :class:`Denied` (saying why) when the kernel refused to create ``new_path``
+        because its directory holds a ``deny_write_within_allow`` subtree.
+
+        Landlock grants rights to whole subtrees: to keep ``root/.git`` read-only it grants
+        nothing on ``root`` itself, only on each of its entries, so nothing new can be made
+        directly in ``root`` (nor in any directory on the way down to a denied subtree).
+        """
+        if "landlock" not in self.enforcement:
+            return
+        parent = os.path.dirname(new_path)
+        held = [
+            d for d in self.resolved.deny_write_within_allow if d != parent and within(d, parent)
+        ]
+        if held:
+            raise Denied(
+                f"{new_path}: nothing new can be created directly in {parent} while it holds "
+                f"deny_write_within_allow subtree(s) {held}: Landlock grants write rights to "
+                "whole subtrees, so that directory itself is read-only in the kernel layer. "
+                "Create it in a subdirectory, or make it exist before the worker starts"
+            )
+
     def _open_file_for_write(self, real: str, *, create: bool = True) -> int:
         dirfd, name = self._open_dir_chain(real, create=create)
         try:
@@ -320,6 +346,8 @@ class Worker:
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     raise Denied(f"{real} became a symlink during the write") from None
+                if isinstance(exc, PermissionError) and create:
+                    self._split_denial(real)
                 raise
         finally:
             os.close(dirfd)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -100,16 +102,61 @@ def test_deny_read(tmp_path: Path) -> None:
     (root / "secrets" / "key").write_text("k")
     (root / "link").symlink_to(root / "secrets" / "key")
     (root / "open.txt").write_text("o")
-    with FsWorker(root, SandboxPolicy(deny_read=("secrets",))) as fs:
+    with FsWorker(root, SandboxPolicy(deny_read=("secrets",)), kernel="require") as fs:
         for path in ("secrets/key", "link"):
             with pytest.raises(PolicyDenied):
                 fs.read(path)
         assert fs.glob("**") == ["open.txt"]  # denied entries (and links into them) are hidden
         assert fs.read("open.txt") == b"o"
-        if "landlock" in fs.enforcement:
-            result = fs.exec(["cat", "secrets/key"])
-            assert result.exit_code != 0
-            assert b"Permission denied" in result.output
+        result = fs.exec(["cat", "secrets/key"])
+        assert result.exit_code != 0
+        assert b"Permission denied" in result.output
+
+
+@pytest.mark.parametrize("user", [None, 65534], ids=["root", "uid65534"])
+def test_deny_write_within_allow(user: int | None) -> None:
+    """A subtree carved out of the writable root: refused by the worker and by the kernel."""
+    base = Path(tempfile.mkdtemp(prefix="psb-denywithin-"))
+    base.chmod(0o755)  # reachable by uid 65534 (pytest's tmp_path is not)
+    try:
+        _deny_write_within_allow(base / "root", user)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _deny_write_within_allow(root: Path, user: int | None) -> None:
+    (root / ".git" / "hooks").mkdir(parents=True)
+    (root / ".git" / "config").write_text("[core]\n")
+    (root / "src").mkdir()
+    for path in (root, *root.rglob("*")):
+        path.chmod(0o777 if path.is_dir() else 0o666)  # only our layers may refuse
+    policy = SandboxPolicy(deny_write_within_allow=(".git",))
+    with FsWorker(root, policy, kernel="require", user=user) as fs:
+        for path in (".git/config", ".git/hooks/pre-commit", ".git/new"):
+            with pytest.raises(PolicyDenied):
+                fs.write(path, b"pwned")
+        with pytest.raises(PolicyDenied):
+            fs.edit(".git/config", "[core]", "[pwned]")
+        with pytest.raises(PolicyDenied):
+            fs.rename(".git/config", "stolen")
+        assert fs.read(".git/config") == b"[core]\n"  # still readable
+        fs.write("src/app.py", b"ok")  # a new file in a subdirectory
+        fs.write("src/new/deep.py", b"ok")
+        # the root itself holds .git: Landlock cannot let anything new be made directly in it
+        # while keeping .git read-only; the refusal says so
+        for path in ("new-dir/file", "top.txt"):
+            with pytest.raises(PolicyDenied, match="whole subtrees"):
+                fs.write(path, b"x")
+        script = (
+            "echo pwned > .git/config; echo pwned > .git/hooks/pre-commit; "
+            "mv .git/config stolen; rm .git/config; echo ok > src/b.py"
+        )
+        result = fs.exec(["sh", "-c", script])
+        assert result.output.count(b"Permission denied") >= 2, result
+    assert (root / ".git" / "config").read_text() == "[core]\n"
+    assert not (root / ".git" / "hooks" / "pre-commit").exists()
+    assert not (root / "stolen").exists()
+    assert (root / "src" / "b.py").read_text() == "ok\n"
 
 
 def test_large_read_needs_max_bytes(fs: FsWorker) -> None:
