@@ -37,6 +37,8 @@ DEFAULT_TIMEOUT = 120.0
 TarSource = bytes | IO[bytes] | Iterable[bytes]
 StdinSource = bytes | IO[bytes] | Iterable[bytes] | None
 CHUNK = 1 << 20
+#: How long a command whose stdin stream failed on the host may take to stop by itself.
+_ABORT_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,14 @@ class _ProcessGuest(_ShellGuest):
                 pass  # the command stopped reading; its exit code tells the story
             except BaseException as exc:
                 writer_error.append(exc)
-                _kill(proc)
+                # end of input first: the command sees a cut stream and cleans up after itself
+                # (a prepare removes its half-made workspace); killed if it does not stop
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+                try:
+                    proc.wait(_ABORT_GRACE)
+                except subprocess.TimeoutExpired:
+                    _kill(proc)
             finally:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()

@@ -321,7 +321,7 @@ def tar_entries(
 
 
 class _Staging:
-    """A host temp dir for the bundle/pack, recorded in the ledger until removed."""
+    """A host temp dir for the pack and its index, recorded in the ledger until removed."""
 
     def __init__(self, base_dir: Path | None, tracker: ResourceTracker | None) -> None:
         self._tracked = track(tracker, "workspace-staging", "staging (creating)", releaser=RELEASER)

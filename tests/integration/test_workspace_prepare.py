@@ -202,6 +202,62 @@ def test_from_ref_checks_out_that_commit_on_a_new_branch(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_refs_branches_and_tags_as_on_the_host_with_the_branch_moved_to_from_ref(
+    backend: str, tmp_path: Path, sandbox_workspace: Any
+) -> None:
+    repo = hostile_repo(tmp_path / "repo")
+    first = git(repo, "rev-parse", "HEAD~1").decode().strip()
+    head = git(repo, "rev-parse", "HEAD").decode().strip()
+    git(repo, "tag", "light", "HEAD~1")
+    git(repo, "tag", "-a", "-m", "annotated", "v1.0")
+    git(repo, "branch", "side", "HEAD~1")
+    # the branch asked for exists on the host at another commit: the guest has it at from_ref
+    ws = sandbox_workspace(repo, branch="main", from_ref="HEAD~1")
+    refs = guest_git(ws, "for-each-ref", "--format=%(refname) %(objectname) %(*objectname)")
+    assert refs.decode().splitlines() == [
+        f"refs/heads/main {first} ",
+        f"refs/heads/side {first} ",
+        f"refs/tags/light {first} ",
+        f"refs/tags/v1.0 {git(repo, 'rev-parse', 'v1.0').decode().strip()} {head}",
+    ]
+    assert guest_git(ws, "symbolic-ref", "HEAD").strip() == b"refs/heads/main"
+    assert guest_git(ws, "describe", "--tags", "v1.0").strip() == b"v1.0"
+    assert guest_git(ws, "status", "--porcelain").strip() == b""
+    guest_git(ws, "fsck", "--no-dangling", "--strict")  # the pack and its index are sound
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_host_git_failing_mid_stream_leaves_nothing_in_the_guest(
+    backend: str,
+    tmp_path: Path,
+    sandbox_workspace: Any,
+    sandbox_guest: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pytest_sandbox.workspace import workspace
+
+    repo = hostile_repo(tmp_path / "repo")
+    real_git = workspace._Payload._git
+
+    def failing_git(self: Any, *args: str, **kwargs: Any) -> bytes:
+        if args[0] == "pack-objects":
+            time.sleep(0.3)  # the guest has started and made its git init by now
+            return real_git(self, "pack-objects", "--no-such-option", **kwargs)
+        return real_git(self, *args, **kwargs)
+
+    monkeypatch.setattr(workspace._Payload, "_git", failing_git)
+    with pytest.raises(errors.HostGitFailed, match="pack-objects"):
+        sandbox_workspace(repo)
+    path = sandbox_guest.default_workspace_path
+    listing = sandbox_guest.run(["ls", "-A", os.path.dirname(path)]).output.split()
+    assert os.path.basename(path).encode() not in listing
+    assert not [n for n in listing if n.startswith(b".psb-prepare")]
+    # the guest works on: the same path prepares fine afterwards
+    monkeypatch.undo()
+    assert sandbox_workspace(repo).base_commit == git(repo, "rev-parse", "HEAD").decode().strip()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_copy_carries_git_dir_and_submodules(
     backend: str, tmp_path: Path, sandbox_workspace: Any
 ) -> None:
