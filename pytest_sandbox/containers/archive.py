@@ -1025,9 +1025,11 @@ def prefetch(
     *,
     depth: int = 16,
     on_end: Callable[[], object] | None = None,
+    gather: int = CHUNK,
 ) -> Generator[bytes, None, None]:
     """Iterate ``chunks`` on a reader thread, up to ``depth`` chunks ahead, so that reading
     (the engine's socket) overlaps what the consumer does with them (compress, write).
+    Smaller chunks are gathered into chunks of ``gather`` bytes.
 
     Closing the returned generator stops the reader at its next chunk and closes ``chunks``
     (when it is a generator) on that thread. ``on_end()`` runs on the reader thread once
@@ -1043,16 +1045,32 @@ def prefetch(
     def reader() -> None:
         it = iter(chunks)
         complete = False
+        buf = bytearray()
+
+        def put(chunk: bytes) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(("data", chunk), timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             for chunk in it:
-                while not stop.is_set():
-                    try:
-                        q.put(("data", chunk), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+                # the engine's HTTP chunks are 32 KiB: handing them on one by one costs more
+                # in queue and parser calls than the data costs to copy once
+                if not buf and len(chunk) >= gather:
+                    if not put(chunk):
+                        return
+                    continue
+                buf += chunk
+                if len(buf) >= gather:
+                    if not put(bytes(buf)):
+                        return
+                    buf.clear()
+            if buf and not put(bytes(buf)):
+                return
             complete = True
         except BaseException as exc:  # handed to the consumer
             q.put(("error", exc))

@@ -457,14 +457,14 @@ def test_prefetch_stops_and_closes_its_source_when_the_consumer_gives_up() -> No
         finally:
             closed.append(True)
 
-    chunks = archive.prefetch(source(), depth=2, on_end=lambda: ended.append(True))
+    chunks = archive.prefetch(source(), depth=2, on_end=lambda: ended.append(True), gather=1024)
     next(chunks)
     chunks.close()
     assert closed == [True]
     assert ended == []
-    assert b"".join(archive.prefetch(source(), on_end=lambda: ended.append(True))) == (
-        b"x" * 1024 * 1000
-    )
+    gathered = list(archive.prefetch(source(), on_end=lambda: ended.append(True), gather=300_000))
+    assert b"".join(gathered) == b"x" * 1024 * 1000
+    assert [len(c) for c in gathered] == [300_032] * 3 + [1024 * 1000 - 3 * 300_032]
     assert ended == [True]
 
     def failing() -> Iterator[bytes]:
