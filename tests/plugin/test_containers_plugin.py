@@ -305,3 +305,50 @@ def test_image_progress_reaches_the_terminal_through_capture(pytester: pytest.Py
     result.stderr.fnmatch_lines(
         ["pytest-sandbox: image no-such-image-psb:progress is not present locally; pulling it"]
     )  # ...but the progress line went past the capture
+
+
+SHARED_CREATOR_DIES = """
+import os, signal, time
+import pytest
+
+def _wait(path, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+@pytest.mark.parametrize("role", ["creator", "user"])
+def test_shared(sandbox_container, sandbox_run, role):
+    d = sandbox_run.run_dir
+    if role == "creator":
+        c = sandbox_container("busybox", command=["sleep", "600"], shared=True)
+        (d / "shared-id").write_text(c.id)
+        _wait(d / "user-has-it")
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker that made it dies
+    _wait(d / "shared-id")
+    c = sandbox_container("busybox", command=["sleep", "600"], shared=True)
+    assert c.id == (d / "shared-id").read_text()
+    (d / "user-has-it").write_text("yes")
+    time.sleep(3)  # the run's reaper reacts to a dead worker within a second
+    assert c.status == "running"
+    (d / "survived").write_text(c.id)
+"""
+
+
+@pytest.mark.slow
+def test_shared_container_survives_the_death_of_the_worker_that_made_it(
+    pytester: pytest.Pytester, sandbox_docker: Engine, sandbox_image: Any
+) -> None:
+    sandbox_image("busybox")
+    state = pytester.path / "state"
+    pytester.makepyfile(test_shared_dies=SHARED_CREATOR_DIES)
+    result = pytester.runpytest_subprocess(
+        "-n", "2", f"--sandbox-state-dir={state}", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=1, failed=1)  # the creator's worker crashed
+    result.stdout.fnmatch_lines(["*test_shared*creator*crashed*"])
+    survived = list(state.glob("runs/*/survived"))
+    assert len(survived) == 1
+    ident = survived[0].read_text()
+    # used by the other worker after its creator died, and gone at run end
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": ident}) == []
