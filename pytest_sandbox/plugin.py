@@ -80,14 +80,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_ReportHooks(state), "sandbox-reports")
     if run.is_controller and settings.docker != "off":
         config.stash[_SESSION].engine_probe = _probe_engine_in_background()
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistHooks(), "sandbox-xdist")
+    # Registered whether or not xdist is loaded yet, or under which name (``-p xdist.plugin``
+    # with plugin autoload off): an optional hook is simply never called without xdist.
+    config.pluginmanager.register(_XdistHooks(), "sandbox-xdist")
 
 
 class _XdistHooks:
     """Hands the controller's run to every xdist worker."""
 
-    @pytest.hookimpl
+    @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["sandbox_run"] = _state(node.config).run.to_workerinput()
 

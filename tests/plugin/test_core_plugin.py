@@ -63,6 +63,39 @@ def test_pass_and_fail_leave_nothing_and_summarise(
     assert ledger_rows() == []
 
 
+RUN_ID_TEST = """
+import os
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+def test_record_run(sandbox_run, n):
+    with open(os.environ["PIDS_FILE"], "a") as f:
+        f.write(f"{sandbox_run.run_id} {sandbox_run.worker_id}\\n")
+"""
+
+
+def test_xdist_loaded_by_module_name_with_autoload_off_still_shares_one_run(
+    pytester: pytest.Pytester,
+    state_dir: Path,
+    pids_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `-p xdist.plugin` registers xdist under its module name, not "xdist": the workers must
+    # still join the controller's run instead of each starting a run (and a reaper) of its own.
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile(RUN_ID_TEST)
+    result = pytester.runpytest_subprocess(
+        "-p", "xdist.plugin", "-p", "pytest_sandbox.plugin", "-n", "2"
+    )
+    result.assert_outcomes(passed=4)
+    lines = pids_file.read_text().split("\n")
+    runs = {line.split()[0] for line in lines if line}
+    workers = {line.split()[1] for line in lines if line}
+    assert len(runs) == 1, runs
+    assert workers <= {"gw0", "gw1"}
+    result.stdout.fnmatch_lines([f"sandbox: run {runs.pop()}, *"])
+
+
 def test_report_header_names_settings_engine_landlock_reaper(
     pytester: pytest.Pytester, state_dir: Path
 ) -> None:
