@@ -282,7 +282,9 @@ def _data(engine: Any, image: str, state: Path, quick: bool) -> list[dict[str, A
                     peer_rate,
                     f"docker {peer}",
                     "MiB/s",
-                    ">= 0.9x",
+                    # the goal is set for 1 GiB: at the quick size the stop/restart (~0.3 s),
+                    # which docker cp does not do, weighs several times more
+                    ">= 0.9x @1GiB" if quick else ">= 0.9x",
                     ours_rate >= 0.9 * peer_rate,
                 )
             )

@@ -323,3 +323,17 @@ def test_failed_restart_is_an_error_not_a_log_line(
     assert c.status == "exited"
     c.import_data(tmp_path / "s.tar.gz", mode="merge")  # now a stopped one: it stays stopped
     assert c.status == "exited"
+
+
+def test_import_into_a_missing_data_dir_without_a_volume_creates_it(
+    sandbox_container: Factory, tmp_path: Path
+) -> None:
+    c = sandbox_container("busybox", command=SLEEP, volume=False, data_dir="/srv/app")
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "sub" / "f").write_text("in")
+    archive.create(tmp_path / "src", tmp_path / "a.tar.gz")
+    c.import_data(tmp_path / "a.tar.gz", mode="merge")
+    assert c.exec(["cat", "/srv/app/sub/f"]).output == b"in"
+    c.export_data(tmp_path / "b.tar")
+    with tarfile.open(tmp_path / "b.tar") as tar:
+        assert sorted(tar.getnames()) == [".", "sub", "sub/f"]
