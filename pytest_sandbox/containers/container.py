@@ -705,22 +705,32 @@ class SandboxContainer:
                     tar.close()
         return summary[0]
 
-    def _ensure_data_dir(self) -> None:
+    def _exists(self, path: str) -> bool:
         try:
-            stream, _stat = self.container.get_archive(self.data_dir, chunk_size=archive.CHUNK)
+            stream, _stat = self.container.get_archive(path, chunk_size=archive.CHUNK)
         except Exception as exc:
             if not _not_found(exc) or "No such container" in str(exc):
                 raise
-        else:
-            stream.close()  # only the path's existence was asked
+            return False
+        stream.close()  # only the path's existence was asked
+        return True
+
+    def _ensure_data_dir(self) -> None:
+        """Create the data dir and its missing parents (existing ones are left as they are:
+        a directory entry sent over an existing directory would reset its mode)."""
+        if self._exists(self.data_dir):
             return
-        parent, _, base = self.data_dir.rpartition("/")
+        parts = self.data_dir.strip("/").split("/")
+        keep = len(parts) - 1
+        while keep > 0 and not self._exists("/" + "/".join(parts[:keep])):
+            keep -= 1
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
-            info = tarfile.TarInfo(base)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        self.container.put_archive(parent or "/", buf.getvalue())
+            for depth in range(keep + 1, len(parts) + 1):
+                info = tarfile.TarInfo("/".join(parts[keep:depth]))
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+                tar.addfile(info)
+        self.container.put_archive("/" + "/".join(parts[:keep]), buf.getvalue())
 
     def _empty_data_dir(self) -> None:
         """Empty the data dir without a shell in the image: a helper container (the plugin's
