@@ -611,12 +611,22 @@ def sandbox_container(
     for resource in shared_used:
         # The controller removes shared containers at run end (their ledger rows are shared).
         resource.release(lambda _value: None)
-    errors = []
-    for container in reversed(made):
+    errors: list[Exception] = []
+
+    def finish(container: Any) -> None:
         try:
             _finish(request, container.close, container.keep)
         except Exception as exc:
             errors.append(exc)
+
+    if len(made) > 1:  # the engine removes containers concurrently: a test's N cost ~one
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(8, len(made)), thread_name_prefix="psb-rm") as pool:
+            list(pool.map(finish, reversed(made)))
+    else:
+        for container in made:
+            finish(container)
     if errors:
         raise ExceptionGroup("removing containers failed", errors)
 
