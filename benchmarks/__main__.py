@@ -8,6 +8,7 @@ Each module exposes ``run(quick: bool) -> list[dict]`` with rows of ``name``, ``
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib
 import json
 import os
@@ -29,6 +30,10 @@ def main() -> int:
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     if args.only:
         names = [n for n in names if n.removeprefix("bench_") in args.only or n in args.only]
+    # pip compiles a package's bytecode at install time; an editable install under
+    # PYTHONDONTWRITEBYTECODE (set on this machine) never gets any, and every benchmarked process
+    # would recompile the plugin from source while pytest itself loads cached bytecode.
+    compileall.compile_dir(HERE.parent / "pytest_sandbox", quiet=1)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     for name in names:
