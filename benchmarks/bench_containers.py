@@ -311,7 +311,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     engine = Engine()
     try:
         image = ImageBuilder(engine, state, progress=None).get("busybox")
-        rows = _start_teardown(engine, image, state, 4 if quick else 10)
+        rows = _start_teardown(engine, image, state, 6 if quick else 12)
         rows += _data(engine, image, state, quick)
         latency = _crash_latency(engine, state)
     finally:
