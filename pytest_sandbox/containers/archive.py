@@ -27,6 +27,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -1026,10 +1027,12 @@ def prefetch(
     depth: int = 16,
     on_end: Callable[[], object] | None = None,
     gather: int = CHUNK,
+    join_timeout: float = 10.0,
 ) -> Generator[bytes, None, None]:
     """Iterate ``chunks`` on a reader thread, up to ``depth`` chunks ahead, so that reading
     (the engine's socket) overlaps what the consumer does with them (compress, write).
-    Smaller chunks are gathered into chunks of ``gather`` bytes.
+    Smaller chunks are gathered into chunks of ``gather`` bytes. A reader blocked on a source
+    that stalls is abandoned after ``join_timeout`` seconds once the consumer has gone.
 
     Closing the returned generator stops the reader at its next chunk and closes ``chunks``
     (when it is a generator) on that thread. ``on_end()`` runs on the reader thread once
@@ -1099,10 +1102,12 @@ def prefetch(
                 return
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
+        # unblock a reader waiting on a full queue; one stuck in a read of a stalled source
+        # is left behind after a while (a daemon thread) rather than hanging the consumer
+        deadline = time.monotonic() + join_timeout
+        while thread.is_alive() and time.monotonic() < deadline:
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.05)
-        thread.join()
 
 
 def decompressed(handle: IO[bytes], label: str, cap: int) -> Iterator[bytes]:

@@ -480,3 +480,22 @@ def test_write_atomic_gathers_small_pieces(tmp_path: Path) -> None:
     views = [memoryview(p) if i % 2 else p for i, p in enumerate(pieces)]
     assert archive.write_atomic(views, tmp_path / "out") == sum(map(len, pieces))
     assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+
+
+def test_prefetch_does_not_hang_on_a_stalled_source() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stalled() -> Iterator[bytes]:
+        yield b"first"
+        release.wait(30)  # a read that does not return
+        yield b"never seen"
+
+    chunks = archive.prefetch(stalled(), gather=1, join_timeout=0.3)
+    assert next(chunks) == b"first"
+    started = time.monotonic()
+    chunks.close()
+    assert time.monotonic() - started < 5
+    release.set()
