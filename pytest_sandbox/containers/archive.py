@@ -1134,6 +1134,7 @@ def decompressed(handle: IO[bytes], label: str, cap: int) -> Iterator[bytes]:
     gz = magic == b"\x1f\x8b"
     decomp = new()
     total = 0
+    padded = False
     data = head
     try:
         while True:
@@ -1142,11 +1143,15 @@ def decompressed(handle: IO[bytes], label: str, cap: int) -> Iterator[bytes]:
                 if not data:
                     break
             if decomp.eof:
-                data = data.lstrip(b"\0")  # zero padding after a member is allowed
+                stripped = data.lstrip(b"\0")  # zero padding after the last member is allowed
+                padded = padded or len(stripped) < len(data)
+                data = stripped
                 if not data:
                     continue
                 if not data.startswith(magic):
                     raise CorruptArchive(label, "-", "has trailing garbage after its data")
+                if padded:  # the engine's gzip reader stops there: refuse, not half-import
+                    raise CorruptArchive(label, "-", "has zero padding between gzip members")
                 decomp = new()
             out = decomp.decompress(data, CHUNK)
             data = decomp.unconsumed_tail if gz else b""
@@ -1167,6 +1172,24 @@ def decompressed(handle: IO[bytes], label: str, cap: int) -> Iterator[bytes]:
             raise CorruptArchive(label, "-", "is truncated (the compressed stream stops early)")
     except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
         raise CorruptArchive(label, "-", f"cannot be decompressed ({exc})") from exc
+
+
+def compression(handle: IO[bytes]) -> str:
+    """``gzip``, ``bzip2``, ``xz`` or ``none``, from the first bytes (the position is kept)."""
+    where = handle.tell()
+    head = handle.read(6)
+    handle.seek(where)
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    if head.startswith(b"BZh"):
+        return "bzip2"
+    return "xz" if head.startswith(b"\xfd7zXZ\x00") else "none"
+
+
+def file_chunks(handle: IO[bytes], size: int = CHUNK) -> Generator[bytes, None, None]:
+    """``handle``'s bytes from its position on, ``size`` at a time."""
+    while chunk := handle.read(size):
+        yield chunk
 
 
 def expansion_cap(max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS) -> int:

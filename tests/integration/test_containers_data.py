@@ -337,3 +337,20 @@ def test_import_into_a_missing_data_dir_without_a_volume_creates_it(
     c.export_data(tmp_path / "b.tar")
     with tarfile.open(tmp_path / "b.tar") as tar:
         assert sorted(tar.getnames()) == [".", "sub", "sub/f"]
+
+
+@pytest.mark.parametrize("kind", ["bz2", "xz"])
+def test_import_of_bzip2_and_xz_archives(
+    sandbox_container: Factory, tmp_path: Path, kind: str
+) -> None:
+    import bz2
+    import lzma
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text(kind)
+    archive.create(tmp_path / "src", tmp_path / "a.tar")
+    compress = bz2.compress if kind == "bz2" else lzma.compress
+    (tmp_path / f"a.tar.{kind}").write_bytes(compress((tmp_path / "a.tar").read_bytes()))
+    c = sandbox_container("busybox", command=SLEEP)
+    c.import_data(tmp_path / f"a.tar.{kind}", mode="merge")
+    assert c.exec(["cat", "/data/f"]).output == kind.encode()

@@ -499,3 +499,24 @@ def test_prefetch_does_not_hang_on_a_stalled_source() -> None:
     chunks.close()
     assert time.monotonic() - started < 5
     release.set()
+
+
+def test_zero_padding_is_allowed_after_the_last_gzip_member_only() -> None:
+    raw = _tar([_file("a", b"x" * 3000), _file("b", b"y" * 3000)])
+    one, two = gzip.compress(raw[:2048]), gzip.compress(raw[2048:])
+    assert archive.validate_stream(io.BytesIO(one + two + b"\0" * 4096)).names == ["a", "b"]
+    # a gzip reader that stops at the zeros would have written "a" but not "b": refused
+    with pytest.raises(errors.CorruptArchive, match="zero padding between"):
+        archive.validate_stream(io.BytesIO(one + b"\0" * 512 + two))
+
+
+def test_compression_is_read_from_the_magic_and_the_position_kept() -> None:
+    for data, kind in (
+        (gzip.compress(b"x"), "gzip"),
+        (b"BZh91AY", "bzip2"),
+        (b"\xfd7zXZ\x00\x00", "xz"),
+        (b"plain", "none"),
+    ):
+        handle = io.BytesIO(data)
+        assert archive.compression(handle) == kind
+        assert handle.tell() == 0
