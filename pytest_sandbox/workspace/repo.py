@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,19 @@ class RepoInfo:
     user_email: str | None
     #: Paths in the index (gitlinks excluded), in index order.
     tracked: tuple[str, ...] = ()
+
+    @property
+    def objects_dir(self) -> Path:
+        """The object store: ``objects`` in the common git dir (a linked worktree's git dir
+        names it in its ``commondir`` file, as git itself resolves it)."""
+        common = self.git_dir
+        try:
+            named = (self.git_dir / "commondir").read_text().strip()
+        except OSError:
+            named = ""
+        if named:
+            common = self.git_dir / named  # relative to the git dir, or absolute
+        return common / "objects"
 
 
 @dataclass(frozen=True)
@@ -294,8 +308,14 @@ def plan_workspace(
     branch: str | None = None,
     from_ref: str | None = None,
     include_untracked: bool = False,
+    on_base: Callable[[RepoInfo, str], None] | None = None,
 ) -> WorkspacePlan:
-    """Inspect ``repo`` and compute what a prepare would copy; refuse bad input first."""
+    """Inspect ``repo`` and compute what a prepare would copy; refuse bad input first.
+
+    ``on_base(info, base_commit)`` is called as soon as the base commit is known, before the
+    file lists are computed (a prepare starts packing the history there); every refusal of a
+    ``clone`` or ``shallow`` plan has happened by then.
+    """
     _check_arguments(mode, branch, from_ref)
     info = inspect_repo(repo)
     if info.submodules and mode != "full_copy":
@@ -304,6 +324,8 @@ def plan_workspace(
             f"{mode!r} would leave them empty. Use mode='full_copy' to copy them with the tree."
         )
     base = _resolve(info, from_ref) if from_ref is not None else info.head_commit
+    if on_base is not None:
+        on_base(info, base)
     untracked: list[str] = []
     if include_untracked:
         untracked = [

@@ -11,7 +11,7 @@ Prepare (:func:`prepare_workspace`):
    packing, then unpacks the stream straight into ``.git``: first the files that differ from
    the base (or are untracked) and the deleted paths, then the pack + index (no ``index-pack``
    re-hashing every object in the guest), ``packed-refs`` and ``HEAD``; it checks the base
-   out, applies the host's working tree on top, carries the git identity over and prints HEAD.
+   out, applies the host's working tree on top, carries the git identity over, checks HEAD.
    A failure removes what it made. ``full_copy`` unpacks ``tree/`` (with ``.git``) beside the
    guest path and moves it in.
 
@@ -53,16 +53,17 @@ from pytest_sandbox.workspace.guests import (
     remove_marked_dir,
     script_argv,
 )
-from pytest_sandbox.workspace.repo import WorkspacePlan, git_env, plan_workspace
+from pytest_sandbox.workspace.repo import RepoInfo, WorkspacePlan, git_env, plan_workspace
 
 CHUNK = 1 << 20
 _MARKER = ".psb-staging"
-#: Exit code of the prepare script when the guest path exists and is not empty.
+#: Exit codes of the prepare script: the guest path exists and is not empty; HEAD is wrong.
 _IN_USE = 3
+_WRONG_HEAD = 4
 
 _PREPARE = r"""
 set -eu
-stage=$1 dest=$2 mode=$3 base=$4 branch=$5 identity=$6
+stage=$1 dest=$2 mode=$3 base=$4 branch=$5 identity=$6 expect=$7
 made= existed=
 # a failed prepare leaves neither the staging dir nor a half-made workspace behind
 cleanup() {
@@ -105,7 +106,12 @@ else
     if [ -e .git/psb-prepare ]; then rm -rf -- .git/psb-prepare; fi
 fi
 if [ -n "$identity" ]; then printf '%s' "$identity" >>.git/config; fi
-git rev-parse HEAD
+# checked here, reported only on a mismatch: a command that writes nothing to stdout ends its
+# SSH session without the delayed-ACK stall that trailing output costs (~40 ms)
+head=$(git rev-parse --verify -q HEAD) || head=
+if [ "$head" != "$expect" ]; then
+    echo "HEAD is '$head' instead of the base $expect" >&2; exit 4
+fi
 made=
 """
 
@@ -355,8 +361,10 @@ class _Payload:
     :meth:`entries` waits for it when the tar stream gets there; ``cancel()`` kills host git.
     """
 
-    def __init__(self, plan: WorkspacePlan, staging: Path, branch: str) -> None:
-        self._plan = plan
+    def __init__(self, info: RepoInfo, mode: str, base: str, branch: str, staging: Path) -> None:
+        self._info = info
+        self._mode = mode
+        self._base = base
         self._staging = staging
         self._branch = branch
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -365,22 +373,18 @@ class _Payload:
         self._result: list[tuple[str, Path | bytes | None]] = []
         self._error: BaseException | None = None
         self._done = threading.Event()
-        if plan.mode == "full_copy":
-            self._done.set()
-        else:
-            threading.Thread(target=self._build, name="psb-ws-payload", daemon=True).start()
+        threading.Thread(target=self._build, name="psb-ws-payload", daemon=True).start()
 
     def _git(self, *args: str, stdin: bytes | None = None, odb: Path | None = None) -> bytes:
-        argv = ["git", "-C", str(self._plan.repo.root), *args]
+        argv = ["git", "-C", str(self._info.root), *args]
         env = git_env()
         if odb is not None:
             # pack-objects writes its temp files into the object dir and renames them to the
             # output: a staging object dir (the repo's objects as alternates) keeps the host
             # repo untouched and the rename on one filesystem
-            objects = self._git("rev-parse", "--git-path", "objects").decode().strip()
             odb.joinpath("pack").mkdir(parents=True, exist_ok=True)
             env["GIT_OBJECT_DIRECTORY"] = str(odb)
-            env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(self._plan.repo.root / objects)
+            env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(self._info.objects_dir)
         with self._lock:
             if self._cancelled:
                 raise GuestClosed("the prepare was aborted")
@@ -395,19 +399,18 @@ class _Payload:
         out, err = proc.communicate(stdin)
         if proc.returncode != 0 and not self._cancelled:
             raise HostGitFailed(
-                f"host git failed in {self._plan.repo.root}: `git {' '.join(args)}` exited "
+                f"host git failed in {self._info.root}: `git {' '.join(args)}` exited "
                 f"{proc.returncode}: {err.decode(errors='replace').strip()}. Check the "
                 "repository with git fsck."
             )
         return out
 
     def _build(self) -> None:
-        plan = self._plan
-        base = plan.base_commit.encode()
+        base = self._base.encode()
         branch = self._branch.encode()
         try:
             refs: list[bytes] = []
-            if plan.mode == "clone":
+            if self._mode == "clone":
                 listed = self._git(
                     "for-each-ref", "--format=%(objectname) %(refname)", "refs/heads", "refs/tags"
                 )
@@ -416,14 +419,14 @@ class _Payload:
                     for r in listed.splitlines()
                     if r.split(b" ", 1)[1:] != [b"refs/heads/" + branch]
                 ]
-                tips = {r.split(b" ", 1)[0] for r in refs} | {plan.repo.head_commit.encode(), base}
+                tips = {r.split(b" ", 1)[0] for r in refs} | {self._info.head_commit.encode(), base}
                 name = self._git(
                     "pack-objects", "--revs", "--delta-base-offset", "-q",
                     str(self._staging / "pack"), stdin=b"".join(t + b"\n" for t in sorted(tips)),
                     odb=self._staging / "odb",
                 )  # fmt: skip
             else:
-                objects = self._git("rev-list", "--objects", "-n", "1", plan.base_commit)
+                objects = self._git("rev-list", "--objects", "-n", "1", self._base)
                 name = self._git(
                     "pack-objects", "--delta-base-offset", "-q", str(self._staging / "pack"),
                     stdin=objects, odb=self._staging / "odb",
@@ -518,18 +521,59 @@ def prepare_workspace(
     and is not empty; nothing in it is changed). ``plan`` reuses a plan computed before.
     ``progress`` is called with the size of every chunk of the tar stream.
     """
-    if plan is None:
-        plan = plan_workspace(
+    if dry_run:
+        return plan or plan_workspace(
             repo, mode=mode, branch=branch, from_ref=from_ref, include_untracked=include_untracked
         )
-    if dry_run:
-        return plan
     if guest is None:
         raise InvalidWorkspaceArgument("prepare_workspace needs a guest unless dry_run=True")
+    staging: _Staging | None = None
+    payload: _Payload | None = None
+
+    def start_payload(info: RepoInfo, base: str) -> None:
+        # host git packs the history from here on, while the plan finishes and the guest
+        # command starts; the tar stream sends the files first and the pack once it is ready
+        nonlocal staging, payload
+        if plan_mode != "full_copy":
+            staging = _Staging(staging_dir, tracker)
+            payload = _Payload(
+                info, plan_mode, base, _target_branch(info, plan_branch, plan_ref), staging.path
+            )
+
+    try:
+        if plan is None:
+            plan_mode, plan_branch, plan_ref = mode, branch, from_ref
+            plan = plan_workspace(
+                repo, mode=mode, branch=branch, from_ref=from_ref,
+                include_untracked=include_untracked, on_base=start_payload,
+            )  # fmt: skip
+        else:
+            plan_mode, plan_branch, plan_ref = plan.mode, plan.branch, plan.from_ref
+            start_payload(plan.repo, plan.base_commit)
+        return _prepare(plan, guest, guest_path, payload, timeout, progress)
+    finally:
+        if payload is not None:
+            payload.cancel()
+        if staging is not None:
+            staging.close()
+
+
+def _target_branch(info: RepoInfo, branch: str | None, from_ref: str | None) -> str:
+    """The branch the guest ends on: the one asked for, else the host's (unless from_ref)."""
+    return branch or (info.current_branch if from_ref is None else None) or ""
+
+
+def _prepare(
+    plan: WorkspacePlan,
+    guest: Guest,
+    guest_path: str | None,
+    payload: _Payload | None,
+    timeout: float,
+    progress: Callable[[int], None] | None,
+) -> PreparedWorkspace:
     dest = _check_guest_path(guest_path or guest.default_workspace_path)
     info = plan.repo
-    # the branch the guest ends on: the one asked for, else the host's (unless from_ref)
-    target_branch = plan.branch or (info.current_branch if plan.from_ref is None else None) or ""
+    target_branch = _target_branch(info, plan.branch, plan.from_ref)
     stage = f"{os.path.dirname(dest)}/.psb-prepare-{secrets.token_hex(6)}"
     entries: list[tuple[str, Path | bytes | None]] = []
     if plan.mode == "full_copy":
@@ -548,48 +592,39 @@ def prepare_workspace(
         if guest.closed:
             raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
 
-    staging = _Staging(staging_dir, tracker)
-    payload: _Payload | None = None
-    try:
-        with workspace_lock(guest):
-            # host git packs the history while the guest command starts; the tar stream
-            # sends the working-tree files first and the pack last, once it is ready
-            payload = _Payload(plan, staging.path, target_branch)
-            stream = itertools.chain(entries, payload.entries(check))
-            # one round trip: the tar stream is the script's stdin
-            result = guest.run(
-                script_argv(
-                    _PREPARE,
-                    stage,
-                    dest,
-                    plan.mode,
-                    # full_copy already has HEAD at the base unless from_ref asks for another
-                    "" if plan.mode == "full_copy" and plan.from_ref is None else plan.base_commit,
-                    target_branch,
-                    _identity_config(info.user_name, info.user_email),
-                ),
-                stdin=tar_entries(stream, check=check, progress=progress),
-                timeout=timeout,
-            )
-            if result.exit_code == _IN_USE:
-                raise GuestPathInUse(
-                    f"guest path {dest} in {guest!r} exists and is not empty; it was left as "
-                    "it was. Pass another guest_path= or empty it first."
-                )
-            result.check(f"preparing {info.root} as {dest} in {guest!r}")
-    finally:
-        if payload is not None:
-            payload.cancel()
-        staging.close()
-    head = result.output.decode().strip().splitlines()[-1] if result.output.strip() else ""
-    if head != plan.base_commit:
-        raise GuestCommandFailed(
-            f"after preparing {dest} in {guest!r}, HEAD is {head!r} instead of the base "
-            f"{plan.base_commit}. Check the guest's git version (>= 2.20 needed).",
-            result.exit_code,
-            result.output,
-            result.stderr,
+    with workspace_lock(guest):
+        stream = itertools.chain(entries, payload.entries(check) if payload else ())
+        # one round trip: the tar stream is the script's stdin
+        result = guest.run(
+            script_argv(
+                _PREPARE,
+                stage,
+                dest,
+                plan.mode,
+                # full_copy already has HEAD at the base unless from_ref asks for another
+                "" if plan.mode == "full_copy" and plan.from_ref is None else plan.base_commit,
+                target_branch,
+                _identity_config(info.user_name, info.user_email),
+                plan.base_commit,
+            ),
+            stdin=tar_entries(stream, check=check, progress=progress),
+            timeout=timeout,
         )
+        if result.exit_code == _IN_USE:
+            raise GuestPathInUse(
+                f"guest path {dest} in {guest!r} exists and is not empty; it was left as "
+                "it was. Pass another guest_path= or empty it first."
+            )
+        if result.exit_code == _WRONG_HEAD:
+            raise GuestCommandFailed(
+                f"after preparing {dest} in {guest!r}: "
+                f"{result.stderr.decode(errors='replace').strip()}. Check the guest's git "
+                "version (>= 2.20 needed).",
+                result.exit_code,
+                result.output,
+                result.stderr,
+            )
+        result.check(f"preparing {info.root} as {dest} in {guest!r}")
     return PreparedWorkspace(
         guest=guest,
         guest_path=dest,
