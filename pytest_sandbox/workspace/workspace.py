@@ -26,7 +26,6 @@ and ``git status`` are untouched; nothing is written to ``/tmp``.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import secrets
 import stat
@@ -527,35 +526,105 @@ def prepare_workspace(
         )
     if guest is None:
         raise InvalidWorkspaceArgument("prepare_workspace needs a guest unless dry_run=True")
+    dest = _check_guest_path(guest_path or guest.default_workspace_path)
     staging: _Staging | None = None
     payload: _Payload | None = None
+    pending = _PendingPlan(plan)
 
-    def start_payload(info: RepoInfo, base: str) -> None:
-        # host git packs the history from here on, while the plan finishes and the guest
-        # command starts; the tar stream sends the files first and the pack once it is ready
+    def on_base(info: RepoInfo, base: str) -> None:
+        # every refusal of a clone/shallow plan has happened: host git packs the history from
+        # here on, and the guest command may start while the plan lists the changed files
         nonlocal staging, payload
-        if plan_mode != "full_copy":
+        head = _Head(info, *fields, base)
+        if head.mode != "full_copy":
             staging = _Staging(staging_dir, tracker)
-            payload = _Payload(
-                info, plan_mode, base, _target_branch(info, plan_branch, plan_ref), staging.path
-            )
+            target = _target_branch(info, head.branch, head.from_ref)
+            payload = _Payload(info, head.mode, base, target, staging.path)
+        pending.head_known(head)
 
+    fields: tuple[str, str | None, str | None] = (
+        (mode, branch, from_ref) if plan is None else (plan.mode, plan.branch, plan.from_ref)
+    )
     try:
         if plan is None:
-            plan_mode, plan_branch, plan_ref = mode, branch, from_ref
-            plan = plan_workspace(
-                repo, mode=mode, branch=branch, from_ref=from_ref,
-                include_untracked=include_untracked, on_base=start_payload,
+            pending.start(
+                lambda: plan_workspace(
+                    repo, mode=mode, branch=branch, from_ref=from_ref,
+                    include_untracked=include_untracked, on_base=on_base,
+                )
             )  # fmt: skip
         else:
-            plan_mode, plan_branch, plan_ref = plan.mode, plan.branch, plan.from_ref
-            start_payload(plan.repo, plan.base_commit)
-        return _prepare(plan, guest, guest_path, payload, timeout, progress)
+            on_base(plan.repo, plan.base_commit)
+        return _prepare(pending.head(), pending, guest, dest, payload, timeout, progress)
     finally:
+        pending.wait()
         if payload is not None:
             payload.cancel()
         if staging is not None:
             staging.close()
+
+
+@dataclass(frozen=True)
+class _Head:
+    """What the guest command needs from a plan, known once the base commit is."""
+
+    repo: RepoInfo
+    mode: str
+    branch: str | None
+    from_ref: str | None
+    base_commit: str
+
+
+class _PendingPlan:
+    """A plan computed in a thread: the head (base, branch, mode) comes first, the file lists
+    after; a clone/shallow prepare starts the guest command in between."""
+
+    def __init__(self, plan: WorkspacePlan | None) -> None:
+        self._plan = plan
+        self._head: _Head | None = None
+        self._error: BaseException | None = None
+        self._head_ready = threading.Event()
+        self._done = threading.Event()
+        if plan is not None:
+            self._done.set()
+
+    def start(self, compute: Callable[[], WorkspacePlan]) -> None:
+        def run() -> None:
+            try:
+                self._plan = compute()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._done.set()
+                self._head_ready.set()
+
+        threading.Thread(target=run, name="psb-ws-plan", daemon=True).start()
+
+    def head_known(self, head: _Head) -> None:
+        self._head = head
+        if head.mode != "full_copy" or self._done.is_set():
+            # full_copy can still refuse after the base is known: it waits for the whole plan
+            self._head_ready.set()
+
+    def head(self) -> _Head:
+        """The head once every refusal has happened; raises the plan's refusal."""
+        self._head_ready.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._head is not None
+        return self._head
+
+    def result(self, check: Callable[[], None] = lambda: None) -> WorkspacePlan:
+        """The whole plan (``check`` runs while waiting and raises to abort)."""
+        while not self._done.wait(0.05):
+            check()
+        if self._error is not None:
+            raise self._error
+        assert self._plan is not None
+        return self._plan
+
+    def wait(self) -> None:
+        self._done.wait()
 
 
 def _target_branch(info: RepoInfo, branch: str | None, from_ref: str | None) -> str:
@@ -563,51 +632,60 @@ def _target_branch(info: RepoInfo, branch: str | None, from_ref: str | None) -> 
     return branch or (info.current_branch if from_ref is None else None) or ""
 
 
+def _entries(plan: WorkspacePlan) -> Iterator[tuple[str, Path | bytes | None]]:
+    """The working-tree part of the tar stream."""
+    info = plan.repo
+    if plan.mode == "full_copy":
+        yield ("tree", None)
+        yield from ((f"tree/{rel}", info.root / rel) for rel in plan.files)
+        return
+    # extracted inside the guest's .git (see _PREPARE); only what there is to apply
+    if plan.dirty:
+        yield ("psb-prepare/tree", None)
+        yield from ((f"psb-prepare/tree/{rel}", info.root / rel) for rel in plan.dirty)
+    if plan.deleted:
+        yield ("psb-prepare/deleted", b"".join(os.fsencode(p) + b"\0" for p in plan.deleted))
+
+
 def _prepare(
-    plan: WorkspacePlan,
+    head: _Head,
+    pending: _PendingPlan,
     guest: Guest,
-    guest_path: str | None,
+    dest: str,
     payload: _Payload | None,
     timeout: float,
     progress: Callable[[int], None] | None,
 ) -> PreparedWorkspace:
-    dest = _check_guest_path(guest_path or guest.default_workspace_path)
-    info = plan.repo
-    target_branch = _target_branch(info, plan.branch, plan.from_ref)
+    info = head.repo
+    target_branch = _target_branch(info, head.branch, head.from_ref)
     stage = f"{os.path.dirname(dest)}/.psb-prepare-{secrets.token_hex(6)}"
-    entries: list[tuple[str, Path | bytes | None]] = []
-    if plan.mode == "full_copy":
-        entries.append(("tree", None))
-        entries += [(f"tree/{rel}", info.root / rel) for rel in plan.files]
-    else:
-        # extracted inside the guest's .git (see _PREPARE); only what there is to apply
-        if plan.dirty:
-            entries.append(("psb-prepare/tree", None))
-            entries += [(f"psb-prepare/tree/{rel}", info.root / rel) for rel in plan.dirty]
-        if plan.deleted:
-            deleted = b"".join(os.fsencode(p) + b"\0" for p in plan.deleted)
-            entries.append(("psb-prepare/deleted", deleted))
 
     def check() -> None:
         if guest.closed:
             raise GuestClosed(f"{guest!r} was closed while a workspace was being prepared")
 
+    def stream() -> Iterator[tuple[str, Path | bytes | None]]:
+        # the changed files first (the plan lists them while the command starts), then the
+        # pack once host git is done
+        yield from _entries(pending.result(check))
+        if payload is not None:
+            yield from payload.entries(check)
+
     with workspace_lock(guest):
-        stream = itertools.chain(entries, payload.entries(check) if payload else ())
         # one round trip: the tar stream is the script's stdin
         result = guest.run(
             script_argv(
                 _PREPARE,
                 stage,
                 dest,
-                plan.mode,
+                head.mode,
                 # full_copy already has HEAD at the base unless from_ref asks for another
-                "" if plan.mode == "full_copy" and plan.from_ref is None else plan.base_commit,
+                "" if head.mode == "full_copy" and head.from_ref is None else head.base_commit,
                 target_branch,
                 _identity_config(info.user_name, info.user_email),
-                plan.base_commit,
+                head.base_commit,
             ),
-            stdin=tar_entries(stream, check=check, progress=progress),
+            stdin=tar_entries(stream(), check=check, progress=progress),
             timeout=timeout,
         )
         if result.exit_code == _IN_USE:
@@ -625,6 +703,7 @@ def _prepare(
                 result.stderr,
             )
         result.check(f"preparing {info.root} as {dest} in {guest!r}")
+    plan = pending.result()
     return PreparedWorkspace(
         guest=guest,
         guest_path=dest,
