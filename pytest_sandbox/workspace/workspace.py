@@ -3,10 +3,12 @@
 Prepare (:func:`prepare_workspace`):
 
 1. plan on the host (``repo.plan_workspace``): every refusal happens here, before guest I/O;
-2. with the guest's workspace lock held, start one guest command whose stdin is one tar stream,
-   and meanwhile pack the history on the host (a background thread in a ledger-tracked staging
-   dir): ``git pack-objects`` writes a pack *with its index* of the branches, tags, HEAD and
-   base (``clone``) or of the base commit alone (``shallow``); ``full_copy`` sends no pack;
+2. as soon as the base is known and every refusal has happened (the plan runs in a thread and
+   is still listing the changed files), start one guest command, under the guest's workspace
+   lock, whose stdin is one tar stream; meanwhile pack the history on the host (a background
+   thread, a ledger-tracked staging dir): ``git pack-objects`` writes a pack *with its index*
+   of the branches, tags, HEAD and base (``clone``) or of the base commit alone (``shallow``);
+   ``full_copy`` waits for its whole plan and sends no pack;
 3. the guest script refuses a non-empty guest path, runs ``git init`` while the host is still
    packing, then unpacks the stream straight into ``.git``: first the files that differ from
    the base (or are untracked) and the deleted paths, then the pack + index (no ``index-pack``
