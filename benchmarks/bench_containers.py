@@ -2,7 +2,8 @@
 
 testcontainers' Ryuk image cannot be pulled here (no registry), so the peer runs with
 TESTCONTAINERS_RYUK_DISABLED=true: its start/stop are measured without Ryuk's extra container,
-which favours the peer. Ryuk's crash clean-up latency is therefore not measured (reported NaN).
+which favours the peer. Crash clean-up latency (ours against Ryuk's documented default) is in
+``bench_crash``.
 
 Data snapshots: ``export_data`` / ``import_data`` against ``docker cp`` out / in, on the same
 container and the same data (the issue's 1 GiB in 1,000 files; 64 MiB in 64 files with
@@ -61,89 +62,27 @@ print(json.dumps({"growth": max(peak, rss()) - base, "bytes": size}))
 """
 
 
-# A test holding 3 containers, a volume and a network: killed with -9 once they exist.
-_INNER = """
-import time
-
-def test_hold(sandbox_container, sandbox_docker, _sandbox_tracker, sandbox_run):
-    for _ in range(3):
-        sandbox_container("busybox", command=["sleep", "600"], volume=False)
-    sandbox_docker.create_volume(tracker=_sandbox_tracker)
-    sandbox_docker.create_network(tracker=_sandbox_tracker)
-    (sandbox_run.state_dir / "inner-run-id").write_text(sandbox_run.run_id)
-    time.sleep(600)
-"""
-
-
-def _crash_latency(engine: Any, state: Path) -> float:
-    """Seconds from ``kill -9`` of a pytest holding 5 Docker objects until the run's reaper
-    removed them all (the reaper itself lives on, in its own session)."""
-    import signal
-
-    work = state / "crash"
-    work.mkdir()
-    (work / "test_inner.py").write_text(_INNER)
-    inner_state = work / "state"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:xdist",
-            str(work / "test_inner.py"),
-            f"--sandbox-state-dir={inner_state}",
-            "--sandbox-docker=require",
-        ],
-        cwd=work,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    api = engine.client.api
-
-    def objects(run_id: str) -> int:
-        flt = {"label": [f"pytest-sandbox.run={run_id}"]}
-        return (
-            len(api.containers(all=True, filters=flt))
-            + len(api.volumes(filters=flt).get("Volumes") or [])
-            + len(api.networks(filters=flt))
-        )
-
-    try:
-        deadline = time.monotonic() + 120
-        marker = inner_state / "inner-run-id"
-        while not (marker.exists() and objects(marker.read_text()) == 5):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the inner pytest never held its 5 objects")
-            time.sleep(0.05)
-        run_id = marker.read_text()
-        os.killpg(proc.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        proc.wait()
-        while objects(run_id) and time.monotonic() - killed < 30:
-            time.sleep(0.02)
-        return time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def _median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def _timed(action: Callable[[], object], before: Callable[[], object] | None = None) -> float:
+def _timed(
+    action: Callable[[], object], before: Callable[[], object] | None = None
+) -> tuple[float, float]:
+    """Seconds until ``action`` returned, and until its data was on disk (``sync`` included).
+
+    Both matter: ``docker cp`` returns with its writes still in the page cache, while an archive
+    call on a stopped container (our import) returns only after the engine's unmount has synced
+    them, so "as returned" alone compares unequal work.
+    """
     if before is not None:
         before()
     os.sync()  # nobody pays for the previous step's dirty pages
     started = time.perf_counter()
     action()
-    return time.perf_counter() - started
+    returned = time.perf_counter() - started
+    os.sync()
+    return returned, time.perf_counter() - started
 
 
 def _start_teardown(engine: Any, image: str, state: Path, rounds: int) -> list[dict[str, Any]]:
@@ -264,7 +203,9 @@ def _data(engine: Any, image: str, state: Path, quick: bool) -> list[dict[str, A
                 ]
                 for steps in (exports, imports):  # export before import: it makes the snapshot
                     for name, action, before in steps if i % 2 == 0 else steps[::-1]:
-                        times.setdefault(name, []).append(_timed(action, before))
+                        returned, durable = _timed(action, before)
+                        times.setdefault(name, []).append(returned)
+                        times.setdefault(f"{name}, on disk", []).append(durable)
         growth = _memory(c, state)
     finally:
         c.close()
@@ -272,22 +213,23 @@ def _data(engine: Any, image: str, state: Path, quick: bool) -> list[dict[str, A
     rows = []
     for fmt in formats:
         for verb, peer in (("export", "cp out"), ("import", "cp in")):
-            ours_rate = mib / _median(times[f"{verb} {fmt}"])
-            peer_rate = mib / _median(times[peer])
-            # throughput: higher is better, so the ratio is ours / peer and the goal is >= 0.9
-            rows.append(
-                _row(
-                    f"{verb}_data ({label}, {fmt})",
-                    ours_rate,
-                    peer_rate,
-                    f"docker {peer}",
-                    "MiB/s",
-                    # the goal is set for 1 GiB: at the quick size the stop/restart (~0.3 s),
-                    # which docker cp does not do, weighs several times more
-                    ">= 0.9x @1GiB" if quick else ">= 0.9x",
-                    ours_rate >= 0.9 * peer_rate,
+            for when, suffix in ((", on disk", " (data on disk)"), ("", " (as returned)")):
+                ours_rate = mib / _median(times[f"{verb} {fmt}{when}"])
+                peer_rate = mib / _median(times[f"{peer}{when}"])
+                # the goal is set for 1 GiB: at the quick size the stop/restart (~0.3 s),
+                # which docker cp does not do, weighs several times more
+                goal = ">= 0.9x @1GiB" if quick else ">= 0.9x"
+                rows.append(
+                    _row(
+                        f"{verb}_data ({label}, {fmt}){suffix}",
+                        ours_rate,
+                        peer_rate,
+                        f"docker {peer}",
+                        "MiB/s",
+                        goal if when else "report",
+                        ours_rate >= 0.9 * peer_rate if when else True,
+                    )
                 )
-            )
     rows.append(
         _row(
             f"export_data process growth ({label})",
@@ -313,22 +255,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
         image = ImageBuilder(engine, state, progress=None).get("busybox")
         rows = _start_teardown(engine, image, state, 6 if quick else 12)
         rows += _data(engine, image, state, quick)
-        latency = _crash_latency(engine, state)
     finally:
         engine.close()
         shutil.rmtree(state, ignore_errors=True)
-    rows.append(
-        _row(
-            "crash clean-up latency (kill -9 of pytest: 3 containers, volume, network)",
-            latency,
-            float("nan"),
-            "Ryuk (its image cannot be pulled here)",
-            "s",
-            "<= 1 s",
-            latency <= 1.0,
-        )
-    )
-    return rows
+    return rows  # crash clean-up latency of containers: see bench_crash
 
 
 if __name__ == "__main__":
