@@ -257,6 +257,19 @@ def test_host_git_failing_mid_stream_leaves_nothing_in_the_guest(
     assert sandbox_workspace(repo).base_commit == git(repo, "rev-parse", "HEAD").decode().strip()
 
 
+@pytest.mark.sandbox(guest="local")
+def test_clone_from_a_linked_worktree(tmp_path: Path, sandbox_workspace: Any) -> None:
+    repo = hostile_repo(tmp_path / "repo")
+    git(repo, "worktree", "add", "-q", "-b", "side", str(tmp_path / "wt"), "HEAD~1")
+    (tmp_path / "wt" / "wt-only.txt").write_text("edited in the worktree\n")
+    git(tmp_path / "wt", "add", "wt-only.txt")
+    ws = sandbox_workspace(tmp_path / "wt")  # the pack reads the main repo's object store
+    assert ws.base_commit == git(repo, "rev-parse", "HEAD~1").decode().strip()
+    assert guest_git(ws, "symbolic-ref", "HEAD").strip() == b"refs/heads/side"
+    assert guest_manifest(ws) == host_manifest(tmp_path / "wt", ws.files)
+    assert "wt-only.txt" in ws.files
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_copy_carries_git_dir_and_submodules(
     backend: str, tmp_path: Path, sandbox_workspace: Any

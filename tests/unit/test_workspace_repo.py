@@ -194,3 +194,12 @@ def test_parse_export_frames_names_and_patch() -> None:
     assert ("R100", "old\nname") in out.statuses
     assert out.has_changes
     assert not _parse_export(b"", "abc").has_changes
+
+
+def test_objects_dir_of_a_linked_worktree_is_the_main_repos(tmp_path: Path) -> None:
+    main = make_repo(tmp_path / "main")
+    git(main, "worktree", "add", "-q", "-b", "side", str(tmp_path / "wt"))
+    assert inspect_repo(main).objects_dir.resolve() == (main / ".git" / "objects").resolve()
+    linked = inspect_repo(tmp_path / "wt")
+    assert linked.git_dir != main / ".git"
+    assert linked.objects_dir.resolve() == (main / ".git" / "objects").resolve()
