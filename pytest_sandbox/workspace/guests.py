@@ -311,13 +311,24 @@ class _ProcessGuest(_ShellGuest):
         ]
         if stdin is not None:
             threads.append(threading.Thread(target=feed, daemon=True))
+        # a blocking wait in a thread: Popen.wait(timeout=) polls with sleeps growing to 50 ms,
+        # which would add up to that much to every command's end
+        exited = threading.Event()
+
+        def reap() -> None:
+            proc.wait()
+            exited.set()
+
+        threads.append(threading.Thread(target=reap, daemon=True))
         for thread in threads:
             thread.start()
         try:
-            code = proc.wait(timeout=timeout)
+            if not exited.wait(timeout):
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            code = proc.returncode
         except subprocess.TimeoutExpired:
             _kill(proc)
-            proc.wait()
+            exited.wait()
             self._on_timeout(tag)
             raise GuestTimeout(
                 f"{self!r}: `{shlex.join(argv)[:200]}` ran past its {timeout:g}s timeout and "

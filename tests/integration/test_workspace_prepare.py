@@ -608,12 +608,18 @@ def test_closing_the_guest_while_its_tar_is_frozen(
     thread = threading.Thread(target=prepare, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    tar = guest_tar()
-    while tar is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    stopped = None
+    while stopped is None and time.monotonic() < deadline:
         tar = guest_tar()
-    assert tar is not None, "the guest's tar never started"
-    tar.send_signal(signal.SIGSTOP)
+        try:
+            if tar is not None:
+                tar.send_signal(signal.SIGSTOP)
+                stopped = tar
+        except psutil.NoSuchProcess:  # found as it went: look again
+            pass
+        time.sleep(0.01)
+    assert stopped is not None, "the guest's tar never started"
+    tar = stopped
     time.sleep(1.0)
     assert thread.is_alive()  # stuck: the pipe is full and nobody reads it
     started = time.monotonic()
