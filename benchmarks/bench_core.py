@@ -31,30 +31,52 @@ def _pytest(directory: Path, *args: str, env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def plugin_overhead(quick: bool) -> dict[str, Any]:
-    """Bare pytest against pytest with only this plugin: plugin autoload is off on both sides,
-    so other plugins installed here (hypothesis, xdist, ...) do not pad the denominator."""
+def plugin_overhead(quick: bool) -> list[dict[str, Any]]:
+    """2,000 trivial tests with the plugin against without it, measured two ways:
+
+    - as the issue defines it: this environment's pytest with everything installed, against
+      the same with ``-p no:sandbox`` (the goal is judged on this one);
+    - strictly: plugin autoload off on both sides, bare pytest against pytest with only this
+      plugin, so no other plugin's start-up pads the denominator (reported beside it).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         body = "\n".join(f"def test_{i}():\n    pass\n" for i in range(2000))
         (directory / "test_many.py").write_text(body)
         env = {**os.environ, "PYTEST_SANDBOX_STATE_DIR": str(directory / "state")}
-        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        bare_env = {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
         rounds = 3 if quick else 11
-        ours, bare = [], []
-        for _ in range(rounds):  # alternate so drift hits both sides alike
-            ours.append(_pytest(directory, "-p", "pytest_sandbox.plugin", env=env))
-            bare.append(_pytest(directory, env=env))
-    ratio = statistics.median(ours) / statistics.median(bare)
-    return row(
-        "plugin overhead, 2000 trivial tests",
-        statistics.median(ours),
-        statistics.median(bare),
-        "bare pytest (no plugins)",
-        "s",
-        "<= 1.05x",
-        ratio <= 1.05,
-    )
+        times: dict[str, list[float]] = {}
+        runs = {
+            "ours": (env, ()),
+            "no:sandbox": (env, ("-p", "no:sandbox")),
+            "only ours": (bare_env, ("-p", "pytest_sandbox.plugin")),
+            "bare": (bare_env, ()),
+        }
+        for _ in range(rounds):  # interleaved so drift hits every side alike
+            for name, (run_env, args) in runs.items():
+                times.setdefault(name, []).append(_pytest(directory, *args, env=run_env))
+    med = {name: statistics.median(values) for name, values in times.items()}
+    return [
+        row(
+            "plugin overhead, 2000 trivial tests",
+            med["ours"],
+            med["no:sandbox"],
+            "pytest -p no:sandbox (other plugins as installed)",
+            "s",
+            "<= 1.05x",
+            med["ours"] / med["no:sandbox"] <= 1.05,
+        ),
+        row(
+            "plugin overhead, 2000 trivial tests, no other plugins",
+            med["only ours"],
+            med["bare"],
+            "bare pytest (plugin autoload off)",
+            "s",
+            "report",
+            True,
+        ),
+    ]
 
 
 SERVER = (
@@ -115,4 +137,4 @@ def start_to_ready(quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
-    return [plugin_overhead(quick), start_to_ready(quick)]
+    return [*plugin_overhead(quick), start_to_ready(quick)]

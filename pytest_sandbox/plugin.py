@@ -7,7 +7,6 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -38,7 +37,7 @@ class _Session:
     run: RunContext
     ledger: Ledger
     reaper: Popen[bytes] | None = None
-    engine_probe: Future[str] | None = None
+    engine_probe: _EngineProbe | None = None
     swept: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
     final: reaper_mod.SweepReport = field(default_factory=reaper_mod.SweepReport)
     #: node ids of tests with a failed phase so far (read by the keep policy at teardown)
@@ -79,7 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
     state = config.stash[_SESSION] = _Session(settings=settings, run=run, ledger=ledger)
     config.pluginmanager.register(_ReportHooks(state), "sandbox-reports")
     if run.is_controller and settings.docker != "off":
-        config.stash[_SESSION].engine_probe = _probe_engine_in_background()
+        config.stash[_SESSION].engine_probe = _EngineProbe()
     # Registered whether or not xdist is loaded yet, or under which name (``-p xdist.plugin``
     # with plugin autoload off): an optional hook is simply never called without xdist.
     config.pluginmanager.register(_XdistHooks(), "sandbox-xdist")
@@ -113,20 +112,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
-def _probe_engine_in_background() -> Future[str]:
-    """Ask the engine for its version while pytest starts up (it answers in ~10 ms)."""
-    from pytest_sandbox.runtime import host
+class _EngineProbe:
+    """Asks the engine for its version in a thread while pytest starts up (~10 ms)."""
 
-    future: Future[str] = Future()
+    def __init__(self) -> None:
+        self._answer = "no answer in time"
+        self._thread = threading.Thread(target=self._ask, name="sandbox-engine-probe", daemon=True)
+        self._thread.start()
 
-    def probe() -> None:
+    def _ask(self) -> None:
+        from pytest_sandbox.runtime import host
+
         try:
-            future.set_result(host.docker_engine().describe())
+            self._answer = host.docker_engine().describe()
         except Exception as exc:
-            future.set_result(f"probe failed: {exc!r}")
+            self._answer = f"probe failed: {exc!r}"
 
-    threading.Thread(target=probe, name="sandbox-engine-probe", daemon=True).start()
-    return future
+    def result(self, timeout: float) -> str:
+        self._thread.join(timeout)
+        return self._answer
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -1,13 +1,12 @@
 """Cheap facts about this machine, for the report header and ``pytest-sandbox doctor``.
 
-Nothing here imports the docker SDK: the engine is asked for ``/version`` with a raw HTTP request
-over its Unix socket, which costs a few milliseconds.
+Nothing here imports the docker SDK (or ``http.client``): the engine is asked with a one-shot
+HTTP/1.0 request over its Unix socket, which costs a few milliseconds.
 """
 
 from __future__ import annotations
 
 import ctypes
-import http.client
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 _SYS_LANDLOCK_CREATE_RULESET = 444
 _LANDLOCK_CREATE_RULESET_VERSION = 1
@@ -38,16 +38,32 @@ def landlock_abi() -> int:
     return max(0, int(version))
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class EngineHTTPError(Exception):
+    """The engine answered with something other than ``200`` and JSON."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
+
+def _engine_get(socket_path: str, resource: str, timeout: float) -> Any:
+    """``GET resource`` over the engine's Unix socket and the decoded JSON body.
+
+    A one-shot HTTP/1.0 request rather than ``http.client``: this runs in every session (report
+    header, start-up sweep), and ``http.client`` would pull ``ssl`` and ``email`` into pytest's
+    start-up for a request this small.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(f"GET {resource} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split()
+    if len(parts) < 2 or parts[1] != "200":
+        raise EngineHTTPError(status_line or "no answer")
+    if b"transfer-encoding: chunked" in head.lower():
+        raise EngineHTTPError("chunked answer to an HTTP/1.0 request")
+    return json.loads(body or b"null")
 
 
 @dataclass(frozen=True)
@@ -77,18 +93,11 @@ def docker_engine(timeout: float = 1.0) -> EngineInfo:
     path = endpoint[len("unix://") :]
     if not os.path.exists(path):
         return EngineInfo(endpoint, None, "socket does not exist")
-    conn = _UnixHTTPConnection(path, timeout)
     try:
-        conn.request("GET", "/version")
-        response = conn.getresponse()
-        body = json.loads(response.read() or b"{}")
-        if response.status != 200:
-            return EngineInfo(endpoint, None, f"HTTP {response.status}")
-        return EngineInfo(endpoint, str(body.get("Version", "unknown")))
-    except (OSError, ValueError, http.client.HTTPException) as exc:
+        body = _engine_get(path, "/version", timeout)
+        return EngineInfo(endpoint, str((body or {}).get("Version", "unknown")))
+    except (OSError, ValueError, AttributeError, EngineHTTPError) as exc:
         return EngineInfo(endpoint, None, str(exc) or type(exc).__name__)
-    finally:
-        conn.close()
 
 
 def _endpoint_without_contexts() -> str | None:
@@ -128,18 +137,10 @@ def docker_labels(label: str, timeout: float = 2.0) -> list[dict[str, str]] | No
             (f"/networks?filters={query}", None),
             (f"/volumes?filters={query}", "Volumes"),
         ):
-            conn = _UnixHTTPConnection(path, timeout)
-            try:
-                conn.request("GET", resource)
-                response = conn.getresponse()
-                body = json.loads(response.read() or b"null")
-            finally:
-                conn.close()
-            if response.status != 200:
-                return None
+            body = _engine_get(path, resource, timeout)
             items = (body or {}).get(listed) if listed else body
             found.extend(dict(item.get("Labels") or {}) for item in items or [])
-    except (OSError, ValueError, AttributeError, http.client.HTTPException):
+    except (OSError, ValueError, AttributeError, EngineHTTPError):
         return None
     return found
 

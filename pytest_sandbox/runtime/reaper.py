@@ -271,6 +271,10 @@ class Reaper:
                 return 0
 
 
+#: The reaper's nice value (Linux: per thread, inherited by the threads it starts).
+REAPER_NICE = 10
+
+
 def start_reaper(
     state_dir: Path, run_id: str, log_path: Path, sweepers: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
@@ -281,7 +285,7 @@ def start_reaper(
     # own, which site already computed.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if os.path.isabs(p))}
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        reaper = subprocess.Popen(
             [
                 sys.executable,
                 "-S",
@@ -301,6 +305,12 @@ def start_reaper(
             start_new_session=True,
             close_fds=True,
         )
+    # A watchdog must not take CPU from the tests it watches (its start-up and sweep cost
+    # ~0.1 s of CPU, on two cores beside pytest's own). When pytest dies it is alone, so a
+    # lower priority does not slow the clean-up.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, reaper.pid, REAPER_NICE)
+    return reaper
 
 
 def stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 0.0) -> None:
@@ -315,14 +325,6 @@ def stop_reaper(reaper: subprocess.Popen[bytes], timeout: float = 0.0) -> None:
         reaper.stdin.close()
     with contextlib.suppress(subprocess.TimeoutExpired):
         reaper.wait(timeout=timeout)
-
-
-def _sweep_in_background(ledger: Ledger, sweepers: Sequence[str], *, current_run_id: str) -> None:
-    """Run the sweepers at low priority: they import the Docker SDK and list the engine's
-    objects, CPU the tests that just started need more (Linux nice values are per thread)."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    run_sweepers(ledger, sweepers, current_run_id=current_run_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The controller swept the ledger already; the slow sweepers (Docker) run here, beside
         # the watch loop so that a crash during the sweep is still noticed at once.
         sweeping = threading.Thread(
-            target=_sweep_in_background,
+            target=run_sweepers,
             args=(Ledger.in_state_dir(args.state_dir), args.sweepers.split(",")),
             kwargs={"current_run_id": args.run_id},
             daemon=True,
