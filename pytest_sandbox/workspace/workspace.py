@@ -19,7 +19,7 @@ Prepare (:func:`prepare_workspace`):
 
 Export (:meth:`PreparedWorkspace.export`): one guest script copies the index to a throwaway
 index inside the guest's git dir (``GIT_INDEX_FILE``; the same dir is the object dir, the real
-objects its alternates), adds untracked files there as intent-to-add (no content copied),
+objects its alternates), adds the untracked files there as intent-to-add (no content copied),
 diffs the recorded base against the working tree (``--raw -z`` names and the ``--binary``
 patch in one stream) and removes the throwaway dir. The real index, refs, HEAD, object store
 and ``git status`` are untouched; nothing is written to ``/tmp``.
@@ -136,8 +136,10 @@ GIT_OBJECT_DIRECTORY=$tmp
 GIT_ALTERNATE_OBJECT_DIRECTORIES="$1/.git/objects"
 export GIT_INDEX_FILE GIT_OBJECT_DIRECTORY GIT_ALTERNATE_OBJECT_DIRECTORIES
 # untracked files enter the throwaway index as intent-to-add (no content is copied), and the
-# diff of the base against the working tree reads every new content from the files
-git -c gc.auto=0 -c core.fsmonitor=false add -A -N
+# diff of the base against the working tree reads every new content from the files; only the
+# untracked paths are named, so add does not walk every tracked file a second time
+git ls-files -z -o --exclude-standard |
+    xargs -0 -r git -c gc.auto=0 -c core.fsmonitor=false add -N --
 git --no-optional-locks diff -M --raw -z -p --binary --full-index --no-color --no-ext-diff \
     --no-textconv "$base" --
 """
