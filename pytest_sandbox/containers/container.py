@@ -99,6 +99,23 @@ class PortReady:
 ReadySpec = LogReady | Healthy | PortReady | str | int | Callable[["SandboxContainer"], bool] | None
 
 
+def _accepts_and_stays_open(host_port: int, settle: float = 0.05) -> bool:
+    """Whether the published port reaches a listening server in the container.
+
+    The engine's userland proxy accepts on the host port before anything listens inside; when
+    its own connection to the container is refused it closes ours. So a connect is not enough:
+    the connection must also stay open (or bring data) for ``settle`` seconds.
+    """
+    with socket.create_connection(("127.0.0.1", host_port), timeout=1.0) as sock:
+        sock.settimeout(settle)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) != b""
+        except TimeoutError:
+            return True  # open and quiet: a server waiting for its client to speak
+        except ConnectionResetError:
+            return False
+
+
 def _as_probe(ready: ReadySpec) -> LogReady | Healthy | PortReady | Callable[..., bool] | None:
     if isinstance(ready, str):
         return LogReady(ready)
@@ -443,8 +460,7 @@ class SandboxContainer:
         if isinstance(probe, PortReady):
             host_port = self.host_port(probe.port, probe.protocol)
             if probe.http_path is None:
-                with socket.create_connection(("127.0.0.1", host_port), timeout=1.0):
-                    return True
+                return _accepts_and_stays_open(host_port)
             import http.client
 
             conn = http.client.HTTPConnection("127.0.0.1", host_port, timeout=1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,20 @@ def test_tcp_and_http_readiness_from_the_host(sandbox_container: Factory) -> Non
     for c in (tcp, http):
         with urllib.request.urlopen(f"http://127.0.0.1:{c.host_port(8080)}/index.html") as r:
             assert r.read() == b"hello\n"
+
+
+def test_tcp_readiness_waits_for_the_server_not_the_engines_proxy(
+    sandbox_container: Factory,
+) -> None:
+    # The engine's proxy accepts on the host port at once; the server listens 1.5 s later.
+    web = sandbox_container(
+        "busybox",
+        command=["sh", "-c", "sleep 1.5; echo late > /index.html; exec httpd -f -p 80 -h /"],
+        ports=[80],
+        ready=80,
+    )
+    with urllib.request.urlopen(f"http://127.0.0.1:{web.host_port(80)}/index.html") as response:
+        assert response.read() == b"late\n"
 
 
 def test_health_readiness(sandbox_container: Factory) -> None:
