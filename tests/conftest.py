@@ -91,7 +91,8 @@ class InnerPytest:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"inner pytest exited early:\n{self.text()}")
-            return path.exists()
+            # non-empty, not just there: write_text creates the file before its one write
+            return path.exists() and path.stat().st_size > 0
 
         wait_until(ready, timeout)
 
