@@ -814,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
         import selectors  # noqa: F401
         import subprocess  # noqa: F401
 
+        if policy.net is not None:  # the network-namespace fallback may need it after the drop
+            from pytest_sandbox.fsworker import egress
+
         uid = int(args["--uid"])
         gid = int(args.get("--gid", args["--uid"]))
         try:
