@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import urlparse
 
 from filelock import FileLock
@@ -151,6 +151,18 @@ class EngineFacts:
     storage_driver: str
 
 
+class CreateOptions(TypedDict, total=False):
+    """Who owns an engine object and what it is called: the keyword arguments every
+    ``Engine.create_*`` takes."""
+
+    tracker: ResourceTracker | None
+    nodeid: str
+    shared: bool
+    labels: Mapping[str, str] | None
+    name: str | None
+    extra_labels: Mapping[str, str] | None
+
+
 class Engine:
     """A connection to the Docker engine the docker CLI would use.
 
@@ -266,7 +278,7 @@ class Engine:
         labels: Mapping[str, str] | None = None,
         name: str | None = None,
         extra_labels: Mapping[str, str] | None = None,
-        **kwargs: Any,
+        **kwargs: Any,  # passed to the SDK's containers.create
     ) -> tuple[Any, Tracked]:
         """``client.containers.create(image, ...)`` with labels and a ledger row first.
 
@@ -290,48 +302,20 @@ class Engine:
             extra_labels=extra_labels,
         )
 
-    def create_volume(
-        self,
-        *,
-        tracker: ResourceTracker | None = None,
-        nodeid: str = "",
-        shared: bool = False,
-        labels: Mapping[str, str] | None = None,
-        name: str | None = None,
-        extra_labels: Mapping[str, str] | None = None,
-    ) -> tuple[Any, Tracked]:
+    def create_volume(self, **options: Unpack[CreateOptions]) -> tuple[Any, Tracked]:
         return self._create(
             "volume",
             lambda name, full: self.client.volumes.create(name=name, labels=full),
             lambda name, exc: f"creating volume {name!r} failed: {exc}",
-            tracker=tracker,
-            nodeid=nodeid,
-            shared=shared,
-            labels=labels,
-            name=name,
-            extra_labels=extra_labels,
+            **options,
         )
 
-    def create_network(
-        self,
-        *,
-        tracker: ResourceTracker | None = None,
-        nodeid: str = "",
-        shared: bool = False,
-        labels: Mapping[str, str] | None = None,
-        name: str | None = None,
-        extra_labels: Mapping[str, str] | None = None,
-    ) -> tuple[Any, Tracked]:
+    def create_network(self, **options: Unpack[CreateOptions]) -> tuple[Any, Tracked]:
         return self._create(
             "network",
             lambda name, full: self.client.networks.create(name, labels=full, driver="bridge"),
             lambda name, exc: f"creating network {name!r} failed: {exc}",
-            tracker=tracker,
-            nodeid=nodeid,
-            shared=shared,
-            labels=labels,
-            name=name,
-            extra_labels=extra_labels,
+            **options,
         )
 
     def _create(
@@ -339,24 +323,18 @@ class Engine:
         kind: str,
         make: Callable[[str, dict[str, str]], Any],
         failure: Callable[[str, Exception], str],
-        *,
-        tracker: ResourceTracker | None,
-        nodeid: str,
-        shared: bool,
-        labels: Mapping[str, str] | None,
-        name: str | None,
-        extra_labels: Mapping[str, str] | None,
+        **options: Unpack[CreateOptions],
     ) -> tuple[Any, Tracked]:
         """Label, record, then create; on an engine error release the row (and whatever the
         engine half-made: a container or network can exist although the call failed)."""
         name, tracked, full = self._labelled(
             kind,
-            tracker,
-            nodeid=nodeid,
-            shared=shared,
-            labels=labels,
-            name=name,
-            extra_labels=extra_labels,
+            options.get("tracker"),
+            nodeid=options.get("nodeid", ""),
+            shared=options.get("shared", False),
+            labels=options.get("labels"),
+            name=options.get("name"),
+            extra_labels=options.get("extra_labels"),
         )
         try:
             made = make(name, full)
