@@ -132,7 +132,7 @@ class Forwarder:
                 conn.close()
                 continue
             self.relayed += 1
-            threading.Thread(target=_relay, args=(conn, upstream), name="egress-relay",
+            threading.Thread(target=relay, args=(conn, upstream), name="egress-relay",
                              daemon=True).start()  # fmt: skip
 
     def _upstream(self) -> socket.socket | None:
@@ -148,8 +148,9 @@ class Forwarder:
         return socket.socket(fileno=fds[0])
 
 
-def _relay(a: socket.socket, b: socket.socket) -> None:
-    """Copy both ways until both directions are closed (half-closes passed on)."""
+def relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy both ways until both directions are closed (half-closes passed on), then close
+    both sockets. Also the egress proxy's tunnel."""
     open_ends = {a: b, b: a}
     try:
         while open_ends:

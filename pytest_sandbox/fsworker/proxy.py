@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import socket
 import socketserver
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pytest_sandbox.errors import EgressProxyError
+from pytest_sandbox.fsworker.egress import relay
 from pytest_sandbox.fsworker.policy import check_host_pattern, host_matches
 
 MAX_HEAD = 64 * 1024
@@ -46,27 +46,6 @@ class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     proxy: EgressProxy
-
-
-def _pipe(a: socket.socket, b: socket.socket) -> None:
-    """Copy bytes both ways until either side closes."""
-    sockets = [a, b]
-    while True:
-        readable, _, _ = select.select(sockets, [], [], 60.0)
-        if not readable:
-            return
-        for sock in readable:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            other = b if sock is a else a
-            try:
-                other.sendall(data)
-            except OSError:
-                return
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -143,7 +122,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     out = "\r\n".join([f"{method} {path} {version}", *headers, "Connection: close"])
                     upstream.sendall(out.encode("latin-1") + b"\r\n\r\n" + rest)
                     proxy._log(method, host, port, target, 200)
-                _pipe(client, upstream)
+                relay(client, upstream)
             except OSError:
                 return
 
