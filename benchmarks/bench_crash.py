@@ -92,22 +92,28 @@ def _process_gone(pid: str) -> bool:
         return True
 
 
-def processes(quick: bool) -> dict[str, Any]:
+def _median_latency(
+    what: str, rounds: int, holder: str, gone: Callable[[str], bool], *extra: str
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        latencies = [
-            _hold_and_kill(directory, PROCESS_HOLDER, directory / "marker", _process_gone)
-            for _ in range(4 if quick else 10)
-        ]
+        marker = directory / "marker"
+        latencies = [_hold_and_kill(directory, holder, marker, gone, *extra) for _ in range(rounds)]
     median = statistics.median(latencies)
     return row(
-        "crash clean-up latency, tracked process (kill -9 to gone), median",
+        f"crash clean-up latency, {what}, median",
         median,
         RYUK_RECONNECT_TIMEOUT,
         RYUK,
         "s",
         "<= 1 s",
         median <= 1.0,
+    )
+
+
+def processes(quick: bool) -> dict[str, Any]:
+    return _median_latency(
+        "tracked process (kill -9 to gone)", 4 if quick else 10, PROCESS_HOLDER, _process_gone
     )
 
 
@@ -125,25 +131,16 @@ def containers(quick: bool) -> dict[str, Any]:
             or api.networks(filters=labels)
         )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        latencies = [
-            _hold_and_kill(
-                directory, DOCKER_HOLDER, directory / "marker", gone, "--sandbox-docker=require"
-            )
-            for _ in range(2 if quick else 5)
-        ]
-    client.close()
-    median = statistics.median(latencies)
-    return row(
-        "crash clean-up latency, 3 containers + volume + network, median",
-        median,
-        RYUK_RECONNECT_TIMEOUT,
-        RYUK,
-        "s",
-        "<= 1 s",
-        median <= 1.0,
-    )
+    try:
+        return _median_latency(
+            "3 containers + volume + network",
+            2 if quick else 5,
+            DOCKER_HOLDER,
+            gone,
+            "--sandbox-docker=require",
+        )
+    finally:
+        client.close()
 
 
 def run(quick: bool) -> list[dict[str, Any]]:
