@@ -158,21 +158,19 @@ class _ReportHooks:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        _note_report(self.state, report)
+        state = self.state
+        if report.failed:
+            state.failed.add(report.nodeid)
+            logs = state.logs.get(report.nodeid)
+            if logs:
+                from pytest_sandbox.runtime.processes import log_tail
 
-
-def _note_report(state: _Session, report: pytest.TestReport) -> None:
-    if report.failed:
-        state.failed.add(report.nodeid)
-        logs = state.logs.get(report.nodeid)
-        if logs:
-            from pytest_sandbox.runtime.processes import log_tail
-
-            for title, path in logs:
-                report.sections.append((f"sandbox log: {title} ({path})", log_tail(path, lines=50)))
-    if report.when == "teardown":
-        state.logs.pop(report.nodeid, None)
-        state.failed.discard(report.nodeid)
+                for title, path in logs:
+                    tail = log_tail(path, lines=50)
+                    report.sections.append((f"sandbox log: {title} ({path})", tail))
+        if report.when == "teardown":
+            state.logs.pop(report.nodeid, None)
+            state.failed.discard(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
