@@ -9,13 +9,10 @@ egress proxy it must go through, and commands (and their children) started by ``
 from __future__ import annotations
 
 import errno
-import http.server
 import os
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,35 +40,6 @@ with open("/proc/sys/user/max_user_namespaces", "w") as handle:
     handle.write("0")
 os.execv(sys.argv[1], sys.argv[1:])
 """
-
-
-class _Upstream(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"upstream {self.path}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[int]:
-    """A loopback HTTP server that is not the proxy."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def proxy() -> Iterator[EgressProxy]:
-    with EgressProxy(allow=["127.0.0.1"]) as egress:
-        yield egress
 
 
 def _connect_code(port: int) -> str:

@@ -6,8 +6,6 @@ import http.client
 import http.server
 import json
 import socket
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,34 +13,6 @@ import pytest
 from pytest_sandbox.fsworker import EgressProxy, FsWorker, NetPolicy, SandboxPolicy
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-class _Upstream(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"upstream {self.path} host={self.headers.get('Host')}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def proxy() -> Iterator[EgressProxy]:
-    with EgressProxy(allow=["127.0.0.1"]) as egress:
-        yield egress
 
 
 def _get_via_proxy(proxy: EgressProxy, url: str) -> tuple[int, bytes]:
