@@ -561,6 +561,8 @@ def sandbox_container(
     volumes and networks are labelled and in the ledger before they exist; they are removed at
     teardown (kept under ``--sandbox-keep``), by the reaper if pytest dies, or by the next
     session's sweep. ``shared=True`` gives one container per run across xdist workers.
+    Teardown returns once the container's processes are gone; the engine's clean-up finishes
+    in the background (``sandbox_docker.wait_for_removals()`` waits for it).
     """
     from pytest_sandbox.containers.container import SandboxContainer
     from pytest_sandbox.runtime.shared import SharedResource
@@ -617,7 +619,9 @@ def sandbox_container(
 
     def finish(container: Any) -> None:
         try:
-            _finish(request, container.close, container.keep)
+            # the test waits until the container's processes are gone, not for the engine's
+            # clean-up: that overlaps the next test and sandbox_docker's teardown waits for it
+            _finish(request, lambda: container.close(wait=False), container.keep)
         except Exception as exc:
             errors.append(exc)
 

@@ -18,6 +18,8 @@ import json
 import os
 import re
 import secrets
+import select
+import signal
 import socket
 import tarfile
 import threading
@@ -136,6 +138,38 @@ class _Parts:
     volume: str | None = None
     volume_tracked: Tracked | None = None
     extra: list[Tracked] = field(default_factory=list)
+
+
+def _kill_init(pid: int, container_id: str, timeout: float = 5.0) -> bool:
+    """SIGKILL the container's init (host ``pid``) and wait until it has exited.
+
+    The init of a pid namespace takes every process of the namespace with it, so on True
+    nothing of the container runs any more. False (nothing done, or not confirmed in time)
+    when the pid is not visible here, is not in the container's cgroup, or cannot be signalled.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone, or another pid namespace (a rootless or remote engine)
+        return False
+    try:
+        # checked after opening: the pidfd now surely names this process, not a recycled pid
+        try:
+            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
+                if container_id not in handle.read():
+                    return False
+        except OSError:
+            return False
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            return True
+        except OSError:  # not ours to signal (a non-root user of a root engine)
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))  # readable once the init has exited
+    finally:
+        os.close(fd)
 
 
 class SandboxContainer:
@@ -512,11 +546,7 @@ class SandboxContainer:
     def _remove_container(self) -> None:
         if self._parts.container is None:
             return
-        try:
-            self.engine.client.api.remove_container(self.id, force=True, v=False)
-        except Exception as exc:
-            if not _not_found(exc):
-                raise
+        self.engine.remove_container(self.id)
         if self._parts.tracked is not None:
             self._parts.tracked.released()
 
@@ -531,11 +561,33 @@ class SandboxContainer:
         if self._parts.volume_tracked is not None:
             self._parts.volume_tracked.released()
 
-    def close(self) -> None:
-        """Remove the container and its volume; idempotent, "already gone" counts as removed."""
+    #: ``create_options`` that tie a container to the host or to objects the caller manages
+    #: (its network, its volumes, host namespaces, a restart policy): such a container is
+    #: always removed before ``close`` returns, so what the caller tears down next is free.
+    SHARES_STATE = frozenset(
+        {"network_mode", "pid_mode", "ipc_mode", "volumes", "mounts", "volumes_from",
+         "restart_policy", "links"}
+    )  # fmt: skip
+
+    def close(self, *, wait: bool = True) -> None:
+        """Remove the container and its volume; idempotent, "already gone" counts as removed.
+
+        ``wait=False`` (what ``sandbox_container`` does at teardown) returns once the
+        container's processes are gone, killed from the host through their pid namespace's
+        init; the engine's own clean-up (network, filesystem, the removal and the ledger row)
+        then runs on the engine's removal threads beside the next test, and ``Engine.close()``
+        waits for it. Where that cannot be done (a remote engine, a container in
+        :attr:`SHARES_STATE`), it waits as ``wait=True`` does.
+        """
         if self._closed:
             return
         self._closed = True
+        if not wait and self._halt_on_host():
+            self.engine.remove_later(self._remove_all, f"container {self.name}")
+            return
+        self._remove_all()
+
+    def _remove_all(self) -> None:
         steps = CleanupStack()
         follower = self._follower
         if follower is not None:  # its stream ends with the container: the file is complete
@@ -543,6 +595,24 @@ class SandboxContainer:
         steps.push(self._remove_volume, name="remove volume")
         steps.push(self._remove_container, name="remove container")
         steps.close()
+
+    def _halt_on_host(self) -> bool:
+        """Kill the container's processes now, from the host; False where that is not safe
+        or not possible (the caller then removes the container through the engine)."""
+        if (
+            self._parts.container is None
+            or self.shared
+            or not self.engine.is_local
+            or self.network is not None
+            or self.SHARES_STATE & self.create_options.keys()
+        ):
+            return False
+        try:
+            state = self.inspect().get("State") or {}
+        except Exception:  # gone already, or the engine hiccuped: the removal says which
+            return False
+        pid = int(state.get("Pid") or 0)
+        return bool(state.get("Running")) and pid > 0 and _kill_init(pid, self.id)
 
     def keep(self) -> str:
         """Leave the container (and its volume) in place, marked kept; returns the command that

@@ -15,8 +15,10 @@ import contextlib
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from urllib.parse import urlparse
@@ -138,7 +140,13 @@ def _docker() -> Any:
 def connect(endpoint: str, timeout: float = 120.0) -> Any:
     """A ``docker.DockerClient`` for ``endpoint`` (no network call yet)."""
     docker = _docker()
-    return docker.DockerClient(base_url=endpoint, timeout=int(timeout), version="auto")
+    client = docker.DockerClient(base_url=endpoint, timeout=int(timeout), version="auto")
+    if endpoint.startswith("unix://"):
+        # No proxy applies to a socket, and requests' look-up iterates os.environ, which pytest
+        # changes (PYTEST_CURRENT_TEST) while the removal threads and log followers call the
+        # engine: the look-up would race it (KeyError) for nothing.
+        client.api.trust_env = False
+    return client
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,9 @@ class Engine:
     ``endpoint``, ``source`` (``DOCKER_HOST`` / ``context NAME`` / ``default socket``),
     ``version``, ``api_version``, ``is_local``; ``client`` is the ``docker.DockerClient``.
     Create objects with :meth:`create_container`, :meth:`create_volume`, :meth:`create_network`:
-    they are labelled and recorded in the ledger before the engine call.
+    they are labelled and recorded in the ledger before the engine call. Removals handed to
+    :meth:`remove_later` run on the engine's removal threads; :meth:`wait_for_removals` and
+    :meth:`close` wait for them.
     """
 
     def __init__(
@@ -201,6 +211,9 @@ class Engine:
         self.version = str(info.get("Version", "unknown"))
         self.api_version = str(info.get("ApiVersion", "unknown"))
         self.storage_driver = str(storage)
+        self._removals_lock = threading.Lock()
+        self._removal_threads: ThreadPoolExecutor | None = None
+        self._removals: list[tuple[str, Future[None]]] = []
 
     def facts(self) -> EngineFacts:
         return EngineFacts(
@@ -217,7 +230,52 @@ class Engine:
         return f"docker {self.version} (API {self.api_version}) at {self.endpoint} [{where}]"
 
     def close(self) -> None:
-        self.client.close()
+        """Wait for the removals still under way (raising what failed), then disconnect."""
+        try:
+            self.wait_for_removals()
+        finally:
+            with self._removals_lock:
+                threads, self._removal_threads = self._removal_threads, None
+            if threads is not None:
+                threads.shutdown(wait=True)
+            self.client.close()
+
+    def remove_container(self, ident: str) -> None:
+        """Force-remove a container; "not found" is success, and a removal already under way
+        (the engine's own, for an ``auto_remove`` container) is waited out."""
+        _remove_container(self.client, ident)
+
+    # --- removals in the background -----------------------------------------------------
+
+    def remove_later(self, remove: Callable[[], None], what: str) -> None:
+        """Run ``remove`` on the engine's removal threads (the engine removes concurrently, so
+        a few threads let several containers go at once)."""
+        with self._removals_lock:
+            if self._removal_threads is None:
+                self._removal_threads = ThreadPoolExecutor(4, thread_name_prefix="psb-remove")
+            self._removals.append((what, self._removal_threads.submit(remove)))
+
+    @property
+    def pending_removals(self) -> int:
+        """Removals handed to :meth:`remove_later` and not yet waited for."""
+        with self._removals_lock:
+            return len(self._removals)
+
+    def wait_for_removals(self) -> None:
+        """Block until every removal handed to :meth:`remove_later` has ended; raise an
+        ``ExceptionGroup`` naming each one that failed (its ledger row stays, so the run's end
+        or the reaper tries again)."""
+        with self._removals_lock:
+            pending, self._removals = self._removals, []
+        errors: list[Exception] = []
+        for what, future in pending:
+            try:
+                future.result()
+            except Exception as exc:
+                exc.add_note(f"while removing {what} in the background")
+                errors.append(exc)
+        if errors:
+            raise ExceptionGroup("background removals failed", errors)
 
     def __enter__(self) -> Engine:
         return self

@@ -144,6 +144,7 @@ class DataStore:
         engine = self.engine
         if engine is None:
             raise SnapshotError("recover_orphan needs DataStore(engine=...) to find volumes")
+        engine.wait_for_removals()  # a container being removed is gone, not live
         api = engine.client.api
         live = api.containers(all=True, filters={"label": [f"{L_KEY}={key}", f"{LABEL}=1"]})
         live = [c for c in live if (c.get("Labels") or {}).get(L_ROLE) != "helper"]

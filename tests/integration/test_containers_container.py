@@ -32,14 +32,16 @@ def _this_worker(engine: Engine) -> list[str]:
 
 def _ours(engine: Engine) -> set[str]:
     """This worker's containers (other workers of the run, and other suites, may use the
-    same engine concurrently)."""
+    same engine concurrently), once the earlier tests' background removals have ended."""
     assert engine.run is not None
+    engine.wait_for_removals()
     flt = {"label": _this_worker(engine)}
     return {c["Id"] for c in engine.client.api.containers(all=True, filters=flt)}
 
 
 def _our_volumes(engine: Engine) -> set[str]:
     assert engine.run is not None
+    engine.wait_for_removals()
     flt = {"label": _this_worker(engine)}
     found = engine.client.api.volumes(filters=flt).get("Volumes")
     return {v["Name"] for v in found or []}
@@ -208,3 +210,89 @@ def test_restart_waits_for_this_runs_ready_line_not_the_last_ones(
     instant.stop(timeout=0)
     instant.start()  # this run's line, printed at once, is found (not filtered out)
     assert instant.logs().count("ready") == 2
+
+
+def _processes_of(init_pid: int) -> list[int]:
+    import psutil
+
+    init = psutil.Process(init_pid)
+    return [init_pid, *(p.pid for p in init.children(recursive=True))]
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_close_without_waiting_kills_at_once_and_removes_in_the_background(
+    sandbox_docker: Engine, sandbox_image: Any, sandbox_run: Any
+) -> None:
+    from pytest_sandbox.runtime.ledger import Ledger, Tracker
+
+    ledger = Ledger.in_state_dir(sandbox_run.state_dir)
+    nodeid = "t::close-without-waiting"
+    sandbox_docker.wait_for_removals()  # earlier tests' teardowns
+    c = SandboxContainer(
+        sandbox_docker,
+        sandbox_image("busybox"),
+        command=["sh", "-c", "sleep 600 & sleep 601 & echo up; wait"],
+        ready="up",
+        tracker=Tracker(ledger, sandbox_run, nodeid),
+    ).launch()
+    assert len([r for r in ledger.rows(run_id=sandbox_run.run_id) if r.nodeid == nodeid]) == 2
+    pids = _processes_of(c.inspect()["State"]["Pid"])
+    assert len(pids) >= 4  # docker-init, sh, two sleeps
+    volume = c.volume_name
+    c.close(wait=False)
+    assert sandbox_docker.pending_removals == 1
+    # when close returns nothing of the container runs any more...
+    assert [pid for pid in pids if not _gone(pid)] == []
+    # ...and the engine's clean-up ends with the container, its volume and its row gone
+    sandbox_docker.wait_for_removals()
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": c.id}) == []
+    assert sandbox_docker.client.api.volumes(filters={"name": volume}).get("Volumes") in ([], None)
+    assert [r for r in ledger.rows(run_id=sandbox_run.run_id) if r.nodeid == nodeid] == []
+
+
+def test_close_without_waiting_waits_for_containers_tied_to_what_the_caller_manages(
+    sandbox_docker: Engine, sandbox_image: Any
+) -> None:
+    # a restart policy would bring a container killed from the host back: removed first
+    sandbox_docker.wait_for_removals()  # earlier tests' teardowns
+    c = SandboxContainer(
+        sandbox_docker,
+        sandbox_image("busybox"),
+        command=["sleep", "600"],
+        restart_policy={"Name": "always"},
+    ).launch()
+    c.close(wait=False)
+    assert sandbox_docker.pending_removals == 0
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": c.id}) == []
+
+
+def test_close_without_waiting_of_a_container_already_gone_is_fine(
+    sandbox_docker: Engine, sandbox_image: Any
+) -> None:
+    sandbox_docker.wait_for_removals()  # earlier tests' teardowns
+    c = SandboxContainer(sandbox_docker, sandbox_image("busybox"), command=["sleep", "600"])
+    c.launch()
+    sandbox_docker.client.api.remove_container(c.id, force=True)
+    c.close(wait=False)
+    assert sandbox_docker.pending_removals == 0  # nothing left to kill: removed at once
+
+
+def test_a_failed_background_removal_is_raised_naming_what_failed(sandbox_docker: Engine) -> None:
+    def fails() -> None:
+        raise RuntimeError("engine said no")
+
+    sandbox_docker.remove_later(fails, "container psb-example")
+    with pytest.raises(ExceptionGroup) as info:
+        sandbox_docker.wait_for_removals()
+    (error,) = info.value.exceptions
+    assert "engine said no" in str(error)
+    assert "while removing container psb-example in the background" in error.__notes__
+    sandbox_docker.wait_for_removals()  # reported once, not again

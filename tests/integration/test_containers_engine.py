@@ -107,10 +107,10 @@ def test_every_object_is_labelled_and_tracked_before_it_exists(
 
 
 def test_user_labels_under_our_prefix_are_refused(engine: Engine, busybox: str) -> None:
-    before = engine.client.api.containers(all=True)
     with pytest.raises(errors.LabelRefused, match="reserved prefix"):
         engine.create_container(busybox, labels={"pytest-sandbox.run": "mine"})
-    assert engine.client.api.containers(all=True) == before
+    flt = {"label": ["pytest-sandbox.run=mine"]}
+    assert engine.client.api.containers(all=True, filters=flt) == []
 
 
 def test_failed_create_releases_its_row(engine: Engine, sandbox_run: RunContext) -> None:
@@ -208,3 +208,34 @@ def test_sweep_removes_only_dead_owners_objects(
         assert api.containers(all=True, filters={"id": made[survivor]}), survivor
     assert api.containers(all=True, filters={"id": kept["Id"]})
     assert not any("kept" in r for r in removed)
+
+
+def test_engine_calls_from_threads_do_not_race_pytests_environment_changes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pytest sets and deletes PYTEST_CURRENT_TEST while the removal threads and log followers
+    # call the engine; requests' proxy look-up iterated os.environ and raised KeyError.
+    import os
+    import sys
+    import threading
+
+    for i in range(3000):  # a long environment: a long iteration to interrupt
+        monkeypatch.setenv(f"PSB_PAD_{i}", "y")
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            os.environ["PSB_CHURN"] = "x"
+            del os.environ["PSB_CHURN"]
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        for _ in range(300):
+            assert engine.client.api.ping()
+    finally:
+        stop.set()
+        churner.join()
+        sys.setswitchinterval(previous)
