@@ -104,6 +104,16 @@ def leftovers(record: dict[str, Any], state_dir: Path) -> list[str]:
     return found
 
 
+def wait_clean(record: dict[str, Any], state_dir: Path, timeout: float = 30) -> None:
+    """Wait until nothing of ``record`` is left; a failure names what is."""
+    try:
+        wait_until(lambda: leftovers(record, state_dir) == [], timeout, interval=0.2)
+    except AssertionError:
+        raise AssertionError(
+            f"left behind after {timeout} s: {leftovers(record, state_dir)}"
+        ) from None
+
+
 def start_inner(
     inner_pytest: Callable[..., InnerPytest],
     request: pytest.FixtureRequest,
@@ -148,7 +158,7 @@ def test_nothing_is_left(
         assert code == (0 if mode == "pass" else 1), inner.text()
     record = json.loads(record_path.read_text())
     assert record["kind"] == backend
-    wait_until(lambda: leftovers(record, state_dir) == [], 30, interval=0.2)
+    wait_clean(record, state_dir)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -170,7 +180,7 @@ def test_kill_9_without_reaper_is_swept_by_the_next_session(
     (tmp_path / "test_next.py").write_text("def test_nothing():\n    pass\n")
     nxt = inner_pytest("-p", "no:xdist", "test_next.py")
     assert nxt.wait(120) == 0, nxt.text()
-    wait_until(lambda: leftovers(record, state_dir) == [], 30, interval=0.2)
+    wait_clean(record, state_dir)
 
 
 MID_PREPARE = r"""
@@ -230,5 +240,5 @@ def test_kill_9_in_the_middle_of_a_prepare_leaves_no_pack(
     assert list(Path(record["staging"][0]).glob("pack-*.pack"))
     os.kill(inner.proc.pid, signal.SIGKILL)
     inner.wait(60)
-    wait_until(lambda: leftovers(record, state_dir) == [], 30, interval=0.2)
+    wait_clean(record, state_dir)
     assert not Path(record["staging"][0]).exists()
