@@ -611,8 +611,12 @@ class SandboxContainer:
             state = self.inspect().get("State") or {}
         except Exception:  # gone already, or the engine hiccuped: the removal says which
             return False
+        if state.get("Paused"):
+            return False  # a frozen init cannot act on the signal until it is thawed
+        if not state.get("Running"):
+            return True  # created or exited: nothing of it runs
         pid = int(state.get("Pid") or 0)
-        return bool(state.get("Running")) and pid > 0 and _kill_init(pid, self.id)
+        return pid > 0 and _kill_init(pid, self.id)
 
     def keep(self) -> str:
         """Leave the container (and its volume) in place, marked kept; returns the command that

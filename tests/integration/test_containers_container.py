@@ -274,6 +274,24 @@ def test_close_without_waiting_waits_for_containers_tied_to_what_the_caller_mana
     assert sandbox_docker.client.api.containers(all=True, filters={"id": c.id}) == []
 
 
+def test_close_without_waiting_of_stopped_and_paused_containers(
+    sandbox_docker: Engine, sandbox_image: Any
+) -> None:
+    sandbox_docker.wait_for_removals()  # earlier tests' teardowns
+    image = sandbox_image("busybox")
+    stopped = SandboxContainer(sandbox_docker, image, command=["sleep", "600"]).launch()
+    stopped.stop(timeout=0)
+    stopped.close(wait=False)  # nothing runs: all of it can go in the background
+    assert sandbox_docker.pending_removals == 1
+    paused = SandboxContainer(sandbox_docker, image, command=["sleep", "600"]).launch()
+    paused.container.pause()
+    paused.close(wait=False)  # a frozen init cannot die of a signal: removed before returning
+    assert sandbox_docker.pending_removals == 1
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": paused.id}) == []
+    sandbox_docker.wait_for_removals()
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": stopped.id}) == []
+
+
 def test_close_without_waiting_of_a_container_already_gone_is_fine(
     sandbox_docker: Engine, sandbox_image: Any
 ) -> None:
