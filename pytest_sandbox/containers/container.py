@@ -18,8 +18,6 @@ import json
 import os
 import re
 import secrets
-import select
-import signal
 import socket
 import tarfile
 import threading
@@ -138,38 +136,6 @@ class _Parts:
     volume: str | None = None
     volume_tracked: Tracked | None = None
     extra: list[Tracked] = field(default_factory=list)
-
-
-def _kill_init(pid: int, container_id: str, timeout: float = 5.0) -> bool:
-    """SIGKILL the container's init (host ``pid``) and wait until it has exited.
-
-    The init of a pid namespace takes every process of the namespace with it, so on True
-    nothing of the container runs any more. False (nothing done, or not confirmed in time)
-    when the pid is not visible here, is not in the container's cgroup, or cannot be signalled.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:  # gone, or another pid namespace (a rootless or remote engine)
-        return False
-    try:
-        # checked after opening: the pidfd now surely names this process, not a recycled pid
-        try:
-            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
-                if container_id not in handle.read():
-                    return False
-        except OSError:
-            return False
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except ProcessLookupError:
-            return True
-        except OSError:  # not ours to signal (a non-root user of a root engine)
-            return False
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(int(timeout * 1000)))  # readable once the init has exited
-    finally:
-        os.close(fd)
 
 
 class SandboxContainer:
@@ -602,21 +568,11 @@ class SandboxContainer:
         if (
             self._parts.container is None
             or self.shared
-            or not self.engine.is_local
             or self.network is not None
             or self.SHARES_STATE & self.create_options.keys()
         ):
             return False
-        try:
-            state = self.inspect().get("State") or {}
-        except Exception:  # gone already, or the engine hiccuped: the removal says which
-            return False
-        if state.get("Paused"):
-            return False  # a frozen init cannot act on the signal until it is thawed
-        if not state.get("Running"):
-            return True  # created or exited: nothing of it runs
-        pid = int(state.get("Pid") or 0)
-        return pid > 0 and _kill_init(pid, self.id)
+        return self.engine.halt_on_host(self.id)
 
     def keep(self) -> str:
         """Leave the container (and its volume) in place, marked kept; returns the command that

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
+import signal
 import tempfile
 import threading
 import time
@@ -245,6 +247,29 @@ class Engine:
         (the engine's own, for an ``auto_remove`` container) is waited out."""
         _remove_container(self.client, ident)
 
+    def halt_on_host(self, ident: str) -> bool:
+        """Make sure nothing of container ``ident`` runs any more, without the engine's
+        clean-up: True when it is not running, or once the init of its pid namespace, killed
+        from the host, has exited (which takes every process of the namespace with it).
+
+        False, with nothing done, where that cannot be done here: a remote engine, a paused
+        container (its frozen init cannot act on the signal), a pid this process cannot see or
+        signal, or an engine that did not answer.
+        """
+        if not self.is_local:
+            return False
+        try:
+            info = self.client.api.inspect_container(ident)
+        except Exception:  # gone already, or the engine hiccuped: the removal says which
+            return False
+        state = info.get("State") or {}
+        if state.get("Paused"):
+            return False
+        if not state.get("Running"):
+            return True  # created or exited: nothing of it runs
+        pid = int(state.get("Pid") or 0)
+        return pid > 0 and _kill_init(pid, str(info.get("Id") or ident))
+
     # --- removals in the background -----------------------------------------------------
 
     def remove_later(self, remove: Callable[[], None], what: str) -> None:
@@ -418,6 +443,38 @@ class Engine:
             if _is_not_found(exc):
                 return None
             raise
+
+
+def _kill_init(pid: int, container_id: str, timeout: float = 5.0) -> bool:
+    """SIGKILL the container's init (host ``pid``) and wait until it has exited.
+
+    The init of a pid namespace takes every process of the namespace with it, so on True
+    nothing of the container runs any more. False (nothing done, or not confirmed in time)
+    when the pid is not visible here, is not in the container's cgroup, or cannot be signalled.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone, or another pid namespace (a rootless or remote engine)
+        return False
+    try:
+        # checked after opening: the pidfd now surely names this process, not a recycled pid
+        try:
+            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as handle:
+                if container_id not in handle.read():
+                    return False
+        except OSError:
+            return False
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            return True
+        except OSError:  # not ours to signal (a non-root user of a root engine)
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))  # readable once the init has exited
+    finally:
+        os.close(fd)
 
 
 # --- release (the ledger releaser) ------------------------------------------------------

@@ -856,6 +856,7 @@ class ContainerGuest(_ShellGuest):
         except Exception as exc:
             raise self._api_error(exc, what) from exc
         raw = getattr(sock, "_sock", sock)
+        read_exactly = _stream_reader(sock, raw)
         with self._state_lock:
             self._sockets.add(raw)
         out: list[bytes] = []
@@ -881,11 +882,11 @@ class ContainerGuest(_ShellGuest):
         def read() -> None:
             with contextlib.suppress(OSError, ValueError):
                 while True:
-                    header = _recv_exact(raw, 8)
+                    header = read_exactly(8)
                     if len(header) < 8:
                         return
                     size = int.from_bytes(header[4:8], "big")
-                    data = _recv_exact(raw, size)
+                    data = read_exactly(size)
                     (err if header[0] == 2 else out).append(data)
 
         threads = [threading.Thread(target=read, daemon=True)]
@@ -949,19 +950,27 @@ class ContainerGuest(_ShellGuest):
                 proc.kill()
         return True
 
-    def close(self) -> None:
-        """Remove the container (force): in-flight execs and tar streams fail. Idempotent."""
+    def close(self, *, wait: bool = True) -> None:
+        """Remove the container (force): in-flight execs and tar streams fail. Idempotent.
+
+        ``wait=False`` (``sandbox_guest``'s teardown) returns once nothing of the container
+        runs and leaves the engine's clean-up to its removal threads, as
+        ``SandboxContainer.close(wait=False)`` does.
+        """
+        first = not self._closed.is_set()
         self._closed.set()
         with self._state_lock:
             sockets = list(self._sockets)
         for raw in sockets:
             with contextlib.suppress(OSError):
                 raw.shutdown(2)
-        from pytest_sandbox.containers.engine import release_docker_object
+        if not wait and first and self.engine.halt_on_host(self.id):
+            self.engine.remove_later(self._remove, f"guest container {self.name}")
+            return
+        self._remove()
 
-        release_docker_object(
-            {"type": "container", "name": self.name, "id": self.id, "engine": self.engine.endpoint}
-        )
+    def _remove(self) -> None:
+        self.engine.remove_container(self.id)
         self._tracked.released()
 
     def keep(self) -> None:
@@ -976,6 +985,21 @@ class ContainerGuest(_ShellGuest):
 
     def __repr__(self) -> str:
         return f"<ContainerGuest {getattr(self, 'name', '?')} image={self.image}>"
+
+
+def _stream_reader(sock: Any, raw: Any) -> Callable[[int], bytes]:
+    """``read(n)`` of a hijacked exec stream: n bytes, fewer only at its end.
+
+    The HTTP parser read the response's headers through a buffered reader, which may already
+    hold the first frames (a command that answered before this thread parsed the headers,
+    e.g. under CPU load): read through that reader, not the bare socket, or they are lost.
+    """
+    response = getattr(sock, "_response", None)  # docker SDK: kept on the socket it returns
+    http = getattr(getattr(response, "raw", None), "_fp", None)
+    buffered = getattr(http, "fp", None)
+    if buffered is not None and getattr(buffered, "raw", None) is sock:
+        return buffered.read  # type: ignore[no-any-return]
+    return lambda size: _recv_exact(raw, size)
 
 
 def _recv_exact(sock: Any, size: int) -> bytes:

@@ -125,6 +125,63 @@ def test_close_aborts_a_running_command(backend: str, sandbox_guest: Any) -> Non
     assert wait_gone(["sleep", DURATION])  # the command itself, not just our client
 
 
+def test_container_guest_close_without_waiting_stops_it_at_once(
+    sandbox_docker: Any, sandbox_image: Any
+) -> None:
+    from pytest_sandbox.workspace.guests import ContainerGuest
+
+    sandbox_docker.wait_for_removals()  # earlier tests' teardowns
+    guest = ContainerGuest(sandbox_docker, sandbox_image("debian-git"))
+    long_run = ["sleep", "118.5"]  # a command line no other test uses
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            guest.run(long_run, timeout=200)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not sleepers(long_run):
+        assert time.monotonic() < deadline, "the command never started"
+        time.sleep(0.05)
+    guest.close(wait=False)
+    assert sleepers(long_run) == []  # gone when close returned, not later
+    assert sandbox_docker.pending_removals == 1
+    thread.join(30)
+    assert [type(f) for f in failures] == [errors.GuestClosed]
+    sandbox_docker.wait_for_removals()
+    assert sandbox_docker.client.api.containers(all=True, filters={"id": guest.id}) == []
+
+
+def test_container_guest_output_is_whole_when_the_command_answers_first(
+    sandbox_docker: Any, sandbox_image: Any
+) -> None:
+    # Busy threads delay this one between the request and the response's headers, so a quick
+    # command's output arrives with the headers in one read: it must not be lost with them.
+    from pytest_sandbox.workspace.guests import ContainerGuest
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(2000))
+
+    spinners = [threading.Thread(target=spin) for _ in range(3)]
+    with ContainerGuest(sandbox_docker, sandbox_image("debian-git")) as guest:
+        for spinner in spinners:
+            spinner.start()
+        try:
+            outputs = [guest.run(["echo", str(i)]).output for i in range(60)]
+        finally:
+            stop.set()
+            for spinner in spinners:
+                spinner.join()
+    assert [i for i, out in enumerate(outputs) if out != f"{i}\n".encode()] == []
+
+
 def sleepers(cmdline: list[str]) -> list[int]:
     import psutil
 
