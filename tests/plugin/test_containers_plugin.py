@@ -352,3 +352,47 @@ def test_shared_container_survives_the_death_of_the_worker_that_made_it(
     ident = survived[0].read_text()
     # used by the other worker after its creator died, and gone at run end
     assert sandbox_docker.client.api.containers(all=True, filters={"id": ident}) == []
+
+
+TEARDOWN_OVERLAPS = """
+import psutil
+
+seen = {}
+
+
+def test_first(sandbox_container, sandbox_guest):
+    c = sandbox_container("busybox", command=["sleep", "600"])
+    seen["pid"] = c.inspect()["State"]["Pid"]
+    seen["ids"] = [c.id, sandbox_guest.id]
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_second(sandbox_docker):
+    # the first test's teardown stopped its container and guest, and left their removal to
+    # the engine's threads
+    assert _gone(seen["pid"])
+    assert sandbox_docker.pending_removals == 2
+    sandbox_docker.wait_for_removals()
+    for ident in seen["ids"]:
+        assert sandbox_docker.client.api.containers(all=True, filters={"id": ident}) == []
+"""
+
+
+def test_fixture_teardown_stops_the_container_and_leaves_its_removal_to_the_engine(
+    pytester: pytest.Pytester, sandbox_image: Any
+) -> None:
+    sandbox_image("busybox")
+    sandbox_image("debian-git")
+    state = pytester.path / "state"
+    pytester.makepyfile(test_overlap=TEARDOWN_OVERLAPS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:xdist", "--sandbox-guest=container", f"--sandbox-state-dir={state}"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*sandbox: * created, * released, 0 reaped, 0 kept, 0 leaked*"])
