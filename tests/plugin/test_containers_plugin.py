@@ -48,8 +48,10 @@ def _objects(engine: Engine, run_id: str) -> list[str]:
     )
 
 
-def _start_inner(tmp_path: Path, state: Path, *extra: str) -> subprocess.Popen[bytes]:
-    (tmp_path / "test_inner.py").write_text(INNER)
+def _start_inner(
+    tmp_path: Path, state: Path, *extra: str, source: str = INNER
+) -> subprocess.Popen[bytes]:
+    (tmp_path / "test_inner.py").write_text(source)
     return subprocess.Popen(
         [
             sys.executable,
@@ -396,3 +398,34 @@ def test_fixture_teardown_stops_the_container_and_leaves_its_removal_to_the_engi
     )
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*sandbox: * created, * released, 0 reaped, 0 kept, 0 leaked*"])
+
+
+KILLED_MID_REMOVAL = """
+import os, signal
+
+
+def test_first(sandbox_container, sandbox_run):
+    for _ in range(3):
+        sandbox_container("busybox", command=["sleep", "600"])
+    (sandbox_run.state_dir / "inner-run-id").write_text(sandbox_run.run_id)
+
+
+def test_second(sandbox_docker):
+    assert sandbox_docker.pending_removals == 3  # handed to the engine's threads
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # pytest dies while they may be under way
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_teardown_removals_are_in_the_background_leaks_nothing(
+    tmp_path: Path, sandbox_docker: Engine, sandbox_image: Any
+) -> None:
+    sandbox_image("busybox")
+    state = tmp_path / "state"
+    proc = _start_inner(tmp_path, state, source=KILLED_MID_REMOVAL)
+    assert proc.wait(120) == -signal.SIGKILL
+    run_id = (state / "inner-run-id").read_text()
+    deadline = time.monotonic() + 30
+    while _objects(sandbox_docker, run_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _objects(sandbox_docker, run_id) == []  # containers and their volumes
