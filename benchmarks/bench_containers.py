@@ -15,12 +15,10 @@ the tar.gz export stores it (see docs/containers.md), the worst case for a gzip 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,38 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import result_row as _row
+from benchmarks.peak_rss import peak_growth
 
 LOG_CMD = ["sh", "-c", "echo ready; exec sleep 600"]
-
-# Peak RSS growth of one export, in a fresh interpreter (the benchmark process has other peaks).
-_MEASURE = """
-import json, os, sys, threading
-from pathlib import Path
-from pytest_sandbox.containers.container import SandboxContainer
-from pytest_sandbox.containers.engine import Engine
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-cid, dest, lock_dir = sys.argv[1:4]
-c = SandboxContainer.attach(Engine(), cid, lock_dir=Path(lock_dir))
-c.inspect()
-base = peak = rss()
-done = threading.Event()
-
-def sample():
-    global peak
-    while not done.wait(0.005):
-        peak = max(peak, rss())
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-size = c.export_data(dest)
-done.set()
-sampler.join()
-print(json.dumps({"growth": max(peak, rss()) - base, "bytes": size}))
-"""
 
 
 def _median(samples: list[float]) -> float:
@@ -173,16 +142,10 @@ def _docker_cp(src: object, dest: object) -> None:
 
 def _memory(container: Any, state: Path) -> float:
     """MB the process grows by while exporting the container's data dir."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, container.id, str(state / "mem.tar.gz"), str(state)],
-        capture_output=True,
-        check=True,
-        env=env,
-        timeout=600,
-    )
-    (state / "mem.tar.gz").unlink(missing_ok=True)
-    return float(json.loads(out.stdout.decode().splitlines()[-1])["growth"]) / 1e6
+    dest = state / "mem.tar.gz"
+    growth = peak_growth(container.id, dest, state, "export")["growth"]
+    dest.unlink(missing_ok=True)
+    return float(growth) / 1e6
 
 
 def _data(engine: Any, image: str, state: Path, quick: bool) -> list[dict[str, Any]]:

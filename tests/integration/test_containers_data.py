@@ -242,52 +242,10 @@ def test_data_lock_serialises_operations(sandbox_container: Factory, tmp_path: P
             other.acquire(timeout=0.2)
 
 
-# Runs in a fresh interpreter so that the peak RSS is the data operation's alone.
-_MEASURE = """
-import json, os, sys, threading
-from pathlib import Path
-from pytest_sandbox.containers.container import SandboxContainer
-from pytest_sandbox.containers.engine import Engine
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-cid, dest, lock_dir, what = sys.argv[1:5]
-engine = Engine()
-c = SandboxContainer.attach(engine, cid, lock_dir=Path(lock_dir))
-c.inspect()  # the client's connection pool is up (the baseline includes the docker SDK)
-base = peak = rss()
-done = threading.Event()
-
-def sample():
-    global peak
-    while not done.wait(0.005):
-        peak = max(peak, rss())
-
-sampler = threading.Thread(target=sample)
-sampler.start()
-size = c.export_data(dest) if what == "export" else c.import_data(dest, mode="merge").total_bytes
-done.set()
-sampler.join()
-peak = max(peak, rss())
-print(json.dumps({"growth_kib": (peak - base) // 1024, "bytes": size}))
-"""
-
-
 def _peak_growth(c: SandboxContainer, dest: Path, what: str) -> dict[str, int]:
-    import json
-    import subprocess
-    import sys
+    from benchmarks.peak_rss import peak_growth
 
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, c.id, str(dest), str(c.lock_dir), what],
-        capture_output=True,
-        check=True,
-        timeout=300,
-        start_new_session=True,
-    )
-    return dict(json.loads(out.stdout.decode().strip().splitlines()[-1]))
+    return peak_growth(c.id, dest, c.lock_dir, what)
 
 
 @pytest.mark.slow
