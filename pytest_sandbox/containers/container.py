@@ -652,6 +652,14 @@ class SandboxContainer:
         gzip ``level`` (0-9, default 1) on two threads, blocks that do not compress stored.
         A missing data dir gives an empty archive. Memory stays at a few MiB.
         """
+        with self._data_stream(compress, level) as chunks:
+            yield from chunks
+
+    @contextlib.contextmanager
+    def _data_stream(
+        self, compress: bool, level: int
+    ) -> Iterator[Generator[bytes | memoryview, None, None]]:
+        """The data dir's archive stream, read while the container is stopped."""
         with self._stopped() as paused:
             # the restart begins as soon as the engine's stream ended, while the last
             # chunks are still compressed and written
@@ -663,7 +671,7 @@ class SandboxContainer:
                 on_end=paused.restart_soon,
             )
             try:
-                yield from chunks
+                yield chunks
             finally:
                 # the engine holds the container while an archive streams: stop reading before
                 # the restart in _stopped(), also when the consumer gives up mid-stream
@@ -682,25 +690,15 @@ class SandboxContainer:
         written."""
         gz = archive.is_gzip_name(dest) if isinstance(dest, str | Path) else True
         gz = gz if compress is None else compress
-        # _stopped() is held here, not in export_chunks: the restart, begun when the engine's
-        # stream ended, runs while the tail is written and fsync'd; it is joined before return
-        with self._stopped() as paused:
-            chunks = archive_chunks(
-                self.container,
-                self.data_dir,
-                compress=gz,
-                level=level,
-                on_end=paused.restart_soon,
-            )
-            try:
-                if isinstance(dest, str | Path):
-                    return archive.write_atomic(chunks, dest)
-                written = 0
-                for chunk in chunks:
-                    dest.write(chunk)
-                    written += len(chunk)
-            finally:
-                chunks.close()
+        # the stream is held here, not taken from export_chunks: the restart, begun when the
+        # engine's stream ended, runs while the tail is written and fsync'd; joined before return
+        with self._data_stream(gz, level) as chunks:
+            if isinstance(dest, str | Path):
+                return archive.write_atomic(chunks, dest)
+            written = 0
+            for chunk in chunks:
+                dest.write(chunk)
+                written += len(chunk)
         return written
 
     def import_data(
