@@ -625,7 +625,9 @@ def sandbox_container(
         except Exception as exc:
             errors.append(exc)
 
-    if len(made) > 1:  # the engine removes containers concurrently: a test's N cost ~one
+    # Several at once: those that must be removed before teardown goes on (a caller's network,
+    # volumes, a restart policy) then cost about one engine removal, not one each.
+    if len(made) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(8, len(made)), thread_name_prefix="psb-rm") as pool:
