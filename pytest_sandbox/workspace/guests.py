@@ -236,8 +236,7 @@ class _ProcessGuest(_ShellGuest):
     ) -> ExecResult:
         """Run ``argv`` in the guest; stdin streamed from bytes/file/chunks; never raises on a
         non-zero exit (use ``.check()``), raises :class:`GuestTimeout` / :class:`GuestClosed`."""
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
+        _check_argv(argv)
         self._check_open()
         tag = secrets.token_hex(6)
         command = self._command(argv, env, tag)
@@ -837,8 +836,7 @@ class ContainerGuest(_ShellGuest):
         env: Mapping[str, str] | None = None,
     ) -> ExecResult:
         """``docker exec`` of ``argv``; stdin streamed; never raises on a non-zero exit."""
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
+        _check_argv(argv)
         if self._closed.is_set():
             raise GuestClosed(f"{self!r} was closed")
         api = self.engine.client.api
@@ -985,6 +983,11 @@ class ContainerGuest(_ShellGuest):
 
     def __repr__(self) -> str:
         return f"<ContainerGuest {getattr(self, 'name', '?')} image={self.image}>"
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise GuestError(f"argv must be a non-empty list of str, got {argv!r}")
 
 
 def _stream_reader(sock: Any, raw: Any) -> Callable[[int], bytes]:
